@@ -1,0 +1,86 @@
+"""The producer's durable position in a vCenter's event stream, kept in Redis.
+
+Per vCenter (keyed by its instance UUID) two keys:
+
+``vebaq:checkpoint:<uuid>``
+    JSON ``{"key", "created", "updated"}`` of the last event whose enqueue Redis confirmed.
+``vebaq:published:<uuid>``
+    sorted set of recently published event keys, scored by creation time: on restart the
+    producer re-reads from the checkpoint time (minus :data:`OVERLAP`) and skips these keys.
+
+Both are written in one MULTI/EXEC transaction *after* the batch's tasks were enqueued, so the
+checkpoint never runs ahead of the queue.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import redis
+
+from workers.state import PREFIX
+
+#: Re-read this much before the checkpoint on restart: vCenter's timestamps are not strictly
+#: ordered by key, and an overlap costs only duplicates that are recognised by key.
+OVERLAP = timedelta(seconds=10)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    key: int
+    created: datetime
+    updated: float
+
+    def age(self, now: float | None = None) -> float:
+        """Seconds since the checkpoint was last written."""
+        return (now or time.time()) - self.updated
+
+
+class CheckpointStore:
+    """Checkpoint and published-key window of one vCenter.
+
+    :param retention: seconds of published keys to keep (the checkpoint ``maxAge``).
+    """
+
+    def __init__(self, r: redis.Redis, instance_uuid: str, retention: float) -> None:
+        self.redis = r
+        self.key = f"{PREFIX}:checkpoint:{instance_uuid}"
+        self.published_key = f"{PREFIX}:published:{instance_uuid}"
+        self.retention = retention
+
+    def load(self) -> Checkpoint | None:
+        raw = self.redis.get(self.key)
+        if raw is None:
+            return None
+        data = json.loads(raw)
+        return Checkpoint(int(data["key"]), datetime.fromisoformat(data["created"]),
+                          float(data["updated"]))
+
+    def resume_from(self, vcenter_now: datetime) -> tuple[datetime, Checkpoint | None]:
+        """Where to start reading: the checkpoint minus the overlap, but no earlier than
+        ``retention`` before vCenter's clock; without a checkpoint, vCenter's now."""
+        checkpoint = self.load()
+        if checkpoint is None:
+            return vcenter_now, None
+        oldest = vcenter_now - timedelta(seconds=self.retention)
+        return max(checkpoint.created - OVERLAP, oldest), checkpoint
+
+    def published_since(self, since: datetime) -> list[int]:
+        return [int(k) for k in self.redis.zrangebyscore(self.published_key, since.timestamp(),
+                                                         "+inf")]
+
+    def commit(self, events: list[tuple[int, datetime]]) -> Checkpoint:
+        """Record ``(key, created)`` pairs as published; the last one becomes the checkpoint."""
+        key, created = events[-1]
+        now = time.time()
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.zadd(self.published_key, {str(k): c.timestamp() for k, c in events})
+        newest = max(c for _, c in events)
+        pipe.zremrangebyscore(self.published_key, "-inf", newest.timestamp() - self.retention)
+        pipe.set(self.key, json.dumps({"key": key, "created": created.astimezone(UTC).isoformat(),
+                                       "updated": now}))
+        pipe.execute()
+        return Checkpoint(key, created, now)

@@ -1,0 +1,199 @@
+"""The producer loop: read new vCenter events, convert, enqueue, then advance the checkpoint."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from datetime import UTC, datetime
+
+import redis
+from celery import Celery
+from kombu.exceptions import KombuError, OperationalError
+from pyVmomi import vim
+
+from producer.checkpoint import OVERLAP, CheckpointStore
+from producer.cloudevent import MalformedEvent, subject_of, to_cloudevent, to_structured
+from producer.metrics import ProducerMetrics
+from producer.publisher import Outgoing, Publisher
+from producer.reader import EventReader, SeenKeys
+from producer.routing import route
+from producer.vcenter import CONNECTION_LOST, SESSION_LOST, Session, connect
+from vebaq.config import Settings
+from vebaq.errors import BrokerError, VCenterError
+from vebaq.secrets import redact_url, scrub
+from workers import deadletters, state
+
+logger = logging.getLogger("vebaq.producer")
+
+#: Longest wait between attempts to reach vCenter or Redis again.
+MAX_RECONNECT_DELAY = 30.0
+
+#: Errors that mean "Redis did not take the batch": keep it and try again.
+BROKER_ERRORS = (OperationalError, KombuError, redis.RedisError, ConnectionError, OSError)
+
+
+class ProducerService:
+    """Runs until :attr:`stop` is set.
+
+    :param settings: the loaded configuration.
+    :param app: the Celery app to publish with (``workers.app`` by default).
+    """
+
+    def __init__(self, settings: Settings, app: Celery | None = None,
+                 metrics: ProducerMetrics | None = None) -> None:
+        if app is None:
+            from workers.app import create_app
+
+            app = create_app(settings.broker_url)
+        self.settings = settings
+        self.app = app
+        self.metrics = metrics or ProducerMetrics()
+        self.stop = threading.Event()
+        self.redis = state.client(settings.broker_url)
+        self.publisher = Publisher(app)
+        self.session: Session | None = None
+        self.reader: EventReader | None = None
+        self.store: CheckpointStore | None = None
+
+    # --- start-up: every failure here is one clear line and a non-zero exit
+
+    def check_broker(self) -> None:
+        try:
+            self.redis.ping()
+        except redis.AuthenticationError:
+            raise BrokerError(f"Redis at {redact_url(self.settings.broker_url)} refused the "
+                              f"password") from None
+        except redis.RedisError as exc:
+            raise BrokerError(f"cannot reach Redis at {redact_url(self.settings.broker_url)}: "
+                              f"{scrub(str(exc), self.settings.secrets())}") from None
+
+    def start(self) -> None:
+        self.check_broker()
+        self.session = connect(self.settings.vcenter)
+        self.metrics.connected = True
+        vc = self.settings.vcenter
+        self.store = CheckpointStore(self.redis, self.session.instance_uuid, vc.checkpoint_max_age)
+        begin, checkpoint = self.store.resume_from(self._vcenter_now())
+        seen = SeenKeys(self.store.published_since(begin))
+        self.reader = EventReader(self.session.content, begin=begin, seen=seen,
+                                  page_size=vc.page_size,
+                                  latest_page_fallback=vc.latest_page_fallback)
+        self.reader.open()
+        where = (f"checkpoint: event {checkpoint.key} of {checkpoint.created.isoformat()}"
+                 if checkpoint else "no checkpoint: new events only")
+        logger.info("reading vCenter %s (instance %s) from %s (%s); enqueueing to %s",
+                    self.session.url, self.session.instance_uuid, begin.isoformat(), where,
+                    redact_url(self.settings.broker_url))
+        self.publisher.declare({t.pool for t in self.settings.triggers})
+
+    def _vcenter_now(self) -> datetime:
+        now = self.session.si.CurrentTime()
+        return now if now.tzinfo else now.replace(tzinfo=UTC)
+
+    # --- the loop
+
+    def run(self) -> None:
+        """Start, then poll until stopped."""
+        if self.reader is None:
+            self.start()
+        vc = self.settings.vcenter
+        interval = vc.poll_interval
+        pending: list[tuple[int, datetime, Outgoing | None]] = []
+        while not self.stop.is_set():
+            self.metrics.heartbeat = time.time()
+            if not pending:
+                try:
+                    events = self.reader.poll()
+                except SESSION_LOST + CONNECTION_LOST as exc:
+                    self._reconnect(exc)
+                    continue
+                self.metrics.events_read.inc(len(events))
+                pending = self._convert(events)
+            if pending:
+                if self._publish(pending):
+                    pending = []
+                    interval = vc.poll_interval
+                    continue  # a backlog drains without waiting
+                interval = min(max(interval * 2, 1.0), MAX_RECONNECT_DELAY)
+            else:
+                interval = min(interval * 2, vc.max_poll_interval)
+            self.stop.wait(interval)
+        self.shutdown()
+
+    def _convert(self, events: list[vim.event.Event]) -> list[tuple[int, datetime, Outgoing | None]]:
+        converted = []
+        for event in events:
+            try:
+                cloudevent = to_cloudevent(
+                    event, source=self.session.url, instance_uuid=self.session.instance_uuid,
+                    api_version=self.session.api_version, type_style=self.settings.cloudevent_type)
+                structured = to_structured(cloudevent)
+            except (MalformedEvent, ValueError, TypeError) as exc:
+                self._dead_letter_malformed(event, exc)
+                continue
+            pools = tuple(route(self.settings.triggers, structured))
+            outgoing = Outgoing(structured["subject"], structured["id"], structured, pools)
+            converted.append((event.key, cloudevent.get_time(), outgoing if pools else None))
+        return converted
+
+    def _dead_letter_malformed(self, event: vim.event.Event, exc: Exception) -> None:
+        self.metrics.malformed.inc()
+        logger.error("cannot convert %s (key %r): %s; dead-lettered", subject_of(event),
+                     getattr(event, "key", None), exc)
+        deadletters.add(self.redis, task_name=subject_of(event), pool=None, function="producer",
+                        event={"vcenter": self.session.url, "raw": str(event)[:20000]},
+                        error=exc, attempt=1)
+
+    def _publish(self, pending: list[tuple[int, datetime, Outgoing | None]]) -> bool:
+        """Enqueue, then commit the checkpoint; False (batch kept) if Redis failed."""
+        batch = [item for _, _, item in pending if item is not None]
+        try:
+            if batch:
+                self.publisher.publish(batch)
+            checkpoint = self.store.commit([(key, created) for key, created, _ in pending])
+        except BROKER_ERRORS as exc:
+            self.metrics.publish_errors.inc()
+            logger.error("Redis did not take %d event(s), keeping them and retrying: %s",
+                         len(pending), scrub(str(exc), self.settings.secrets()))
+            return False
+        for item in batch:
+            for pool in item.pools:
+                self.metrics.published.labels(pool=pool).inc()
+        self.reader.confirmed([key for key, _, _ in pending], checkpoint.created - OVERLAP)
+        self.metrics.checkpoint_time.set(checkpoint.updated)
+        self.metrics.read_lag.set(max(0.0, time.time() - checkpoint.created.timestamp()))
+        logger.info("enqueued %d event(s) → %d task(s); checkpoint at event %d", len(pending),
+                    sum(len(item.pools) for item in batch), checkpoint.key)
+        return True
+
+    def _reconnect(self, cause: BaseException) -> None:
+        """Log in again and recreate the collector, from the checkpoint (never skipping)."""
+        self.metrics.connected = False
+        logger.warning("vCenter session lost (%s); logging in again", type(cause).__name__)
+        if self.session is not None:
+            self.session.close()
+        delay = 1.0
+        while not self.stop.is_set():
+            try:
+                self.session = connect(self.settings.vcenter)
+                break
+            except VCenterError as exc:
+                logger.error("%s; retrying in %.0fs", exc, delay)
+                self.stop.wait(delay)
+                delay = min(delay * 2, MAX_RECONNECT_DELAY)
+        else:
+            return
+        self.metrics.reconnects.inc()
+        self.metrics.connected = True
+        self.reader.content = self.session.content
+        self.reader.collector = None  # the old one died with its session
+        self.reader.open()
+        logger.info("vCenter session restored; reading on from %s", self.reader.begin.isoformat())
+
+    def shutdown(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
+        if self.session is not None:
+            self.session.close()
+        logger.info("producer stopped")

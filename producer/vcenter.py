@@ -1,0 +1,97 @@
+"""Connecting to vCenter with pyvmomi, with every failure turned into one clear line."""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import ssl
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from pyVim.connect import Disconnect, SmartConnect
+from pyVmomi import vim, vmodl
+
+from vebaq.config import VCenterSettings
+from vebaq.errors import ConfigError, VCenterError
+
+#: Seconds to wait for vCenter to answer one SOAP call.
+HTTP_TIMEOUT = 60
+
+#: Faults that mean "the session is gone, log in again".
+SESSION_LOST = (vim.fault.NotAuthenticated, vim.fault.InvalidState, vmodl.fault.ManagedObjectNotFound)
+
+#: Transport failures: vCenter restarting, network blips.
+CONNECTION_LOST = (OSError, http.client.HTTPException, ssl.SSLError)
+
+
+@dataclass
+class Session:
+    """A logged-in vCenter session and what the producer needs to know about the vCenter."""
+
+    si: vim.ServiceInstance
+    content: vim.ServiceInstanceContent
+    url: str
+    instance_uuid: str
+    api_version: str
+
+    def close(self) -> None:
+        try:
+            Disconnect(self.si)
+        except Exception:  # noqa: S110 - best effort on a session that may already be dead
+            pass
+
+
+def ssl_context(settings: VCenterSettings) -> ssl.SSLContext:
+    """Verify certificates unless told not to; a CA bundle adds a private CA."""
+    if settings.insecure_ssl:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    try:
+        return ssl.create_default_context(cafile=settings.ca_bundle)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"vcenter.caBundle: cannot load {settings.ca_bundle!r}: "
+                          f"{exc.strerror or exc}") from None
+
+
+def connect(settings: VCenterSettings) -> Session:
+    """Log in; raises :class:`VCenterError` (or :class:`ConfigError`) with a one-line reason."""
+    if not settings.url:
+        raise ConfigError("vcenter.url: not set (set VCENTER_URL=https://<vcenter>/sdk)")
+    if not settings.username or not settings.password:
+        raise ConfigError("vcenter: set VCENTER_USER and VCENTER_PASSWORD")
+    parts = urlsplit(settings.url)
+    secure = parts.scheme == "https"
+    where = f"vCenter {settings.url}"
+    try:
+        si = SmartConnect(
+            protocol=parts.scheme, host=parts.hostname, port=parts.port or (443 if secure else 80),
+            path=parts.path or "/sdk", user=settings.username,
+            pwd=settings.password.reveal(),
+            sslContext=ssl_context(settings) if secure else None,
+            httpConnectionTimeout=HTTP_TIMEOUT,
+        )
+    except vim.fault.InvalidLogin:
+        raise VCenterError(f"{where} refused the login of {settings.username!r}: "
+                           f"wrong user name or password") from None
+    except ssl.SSLCertVerificationError as exc:
+        raise VCenterError(f"{where}: certificate not trusted ({exc.verify_message}); set "
+                           f"VCENTER_CA_BUNDLE, or VCENTER_INSECURE_SSL=true for a lab") from None
+    except socket.gaierror:
+        raise VCenterError(f"{where}: unknown host {parts.hostname!r}") from None
+    except TimeoutError:
+        raise VCenterError(f"{where}: timed out after {HTTP_TIMEOUT}s") from None
+    except ConnectionRefusedError:
+        raise VCenterError(f"{where}: connection refused (is vCenter up, is the port right?)"
+                           ) from None
+    except vmodl.MethodFault as exc:
+        raise VCenterError(f"{where}: {type(exc).__name__}: {exc.msg}") from None
+    except CONNECTION_LOST as exc:
+        raise VCenterError(f"{where}: cannot connect: {exc}") from None
+    except Exception as exc:  # pyvmomi raises bare Exceptions for odd endpoints
+        raise VCenterError(f"{where}: not a vSphere API endpoint? ({type(exc).__name__}: "
+                           f"{str(exc)[:200]})") from None
+    content = si.RetrieveContent()
+    return Session(si, content, settings.url, content.about.instanceUuid,
+                   content.about.apiVersion)

@@ -1,0 +1,434 @@
+"""Configuration: defaults, then a YAML file (``VEBAQ_CONFIG``), then environment variables.
+
+The file is modelled on the VEBA router config; every key is optional::
+
+    broker:
+      url: redis://127.0.0.1:6379/0
+    vcenter:
+      url: https://vc.example.com/sdk
+      username: administrator@vsphere.local
+      password: ...                 # better: VCENTER_PASSWORD
+      insecureSSL: false
+      caBundle: /etc/ssl/vc-ca.pem
+      pollInterval: 1s
+      maxPollInterval: 5s
+      pageSize: 100
+      latestPageFallback: true
+      checkpoint: {maxAge: 1h}
+    cloudevents:
+      type: router                  # or: vsphere (com.vmware.vsphere.<Class>.v0)
+    functions: [mycompany.vebaq_functions]
+    triggers: [...]                 # see producer.routing
+    pools:
+      vrops: {retry: 8, backoffPolicy: exponential, backoffDelay: PT2S, maxDelay: 10m}
+    vrops:
+      url: https://vrops.example.com
+      username: admin
+      authSource: local
+
+Unknown keys and wrong types are refused with a :class:`~vebaq.errors.ConfigError` naming the
+key, e.g. ``vebaq.yaml: vcenter.pollIntervall: unknown key``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from producer.routing import DEFAULT_TRIGGERS, Trigger, parse_filter
+from vebaq.errors import ConfigError
+from vebaq.secrets import Secret, redact_url
+
+#: Where the broker is when nothing says otherwise (the Redis a developer runs locally).
+DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how patiently a pool's function is retried before it is dead-lettered.
+
+    The Knative names are accepted in the file: ``retry`` (= max_retries), ``backoffPolicy``
+    (``exponential`` or ``linear``) and ``backoffDelay`` (= initial_delay, ISO 8601 ``PT2S``).
+    """
+
+    max_retries: int = 5
+    initial_delay: float = 1.0
+    max_delay: float = 600.0
+    backoff: str = "exponential"
+    jitter: bool = True
+
+    def delay(self, attempt: int, rand: Callable[[], float]) -> float:
+        """Seconds to wait before retry number ``attempt`` (1-based); ``rand`` gives [0, 1)."""
+        if self.backoff == "linear":
+            base = self.initial_delay * attempt
+        else:
+            base = self.initial_delay * 2 ** (attempt - 1)
+        base = min(base, self.max_delay)
+        # "Equal jitter": never less than half the back-off, so retries still space out.
+        return base / 2 + rand() * base / 2 if self.jitter else base
+
+
+@dataclass(frozen=True)
+class VCenterSettings:
+    url: str | None = None
+    username: str | None = None
+    password: Secret = Secret("")
+    insecure_ssl: bool = False
+    ca_bundle: str | None = None
+    #: Seconds between polls while events keep coming.
+    poll_interval: float = 1.0
+    #: Idle polls back off by doubling up to this many seconds.
+    max_poll_interval: float = 5.0
+    #: Events per ReadNextEvents call (vCenter allows up to 1000).
+    page_size: int = 100
+    #: Also read the collector's ``latestPage`` when ReadNextEvents returns nothing: costs one
+    #: property read per idle poll on a real vCenter, and is what makes simulators work.
+    latest_page_fallback: bool = True
+    #: On restart, never replay events older than this many seconds.
+    checkpoint_max_age: float = 3600.0
+
+
+@dataclass(frozen=True)
+class VropsSettings:
+    url: str | None = None
+    username: str | None = None
+    password: Secret = Secret("")
+    auth_source: str | None = None
+    insecure_ssl: bool = False
+    ca_bundle: str | None = None
+    #: Seconds for each HTTP call (connect and read).
+    timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    broker_url: str = DEFAULT_BROKER_URL
+    vcenter: VCenterSettings = field(default_factory=VCenterSettings)
+    vrops: VropsSettings = field(default_factory=VropsSettings)
+    #: ``router`` (com.vmware.event.router/event …) or ``vsphere`` (com.vmware.vsphere.X.v0).
+    cloudevent_type: str = "router"
+    triggers: tuple[Trigger, ...] = DEFAULT_TRIGGERS
+    retry: Mapping[str, RetryPolicy] = field(default_factory=dict)
+    #: Extra modules that register functions (imported by producer and workers alike).
+    functions: tuple[str, ...] = ()
+
+    def retry_policy(self, pool: str) -> RetryPolicy:
+        return self.retry.get(pool, RetryPolicy())
+
+    def secrets(self) -> tuple[str, ...]:
+        """Every secret value, for scrubbing free text."""
+        values = [self.vcenter.password.reveal(), self.vrops.password.reveal()]
+        password = urlsplit(self.broker_url).password
+        if password:
+            values.append(password)
+        return tuple(v for v in values if v)
+
+    def __repr__(self) -> str:
+        return (f"Settings(broker_url={redact_url(self.broker_url)!r}, vcenter={self.vcenter!r}, "
+                f"vrops={self.vrops!r}, triggers={len(self.triggers)})")
+
+
+# --- value parsers: each takes (raw value, dotted path) and raises ConfigError naming the path
+
+def _string(raw: Any, path: str) -> str:
+    if not isinstance(raw, str | int | float) or isinstance(raw, bool):
+        raise ConfigError(f"{path}: expected a string, got {type(raw).__name__}")
+    return str(raw)
+
+
+def _secret(raw: Any, path: str) -> Secret:
+    return Secret(_string(raw, path))
+
+
+def _boolean(raw: Any, path: str) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str) and raw.strip().lower() in ("true", "1", "yes", "on"):
+        return True
+    if isinstance(raw, str) and raw.strip().lower() in ("false", "0", "no", "off", ""):
+        return False
+    raise ConfigError(f"{path}: expected true or false, got {raw!r}")
+
+
+def _positive_int(raw: Any, path: str) -> int:
+    try:
+        value = int(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{path}: expected a whole number, got {raw!r}") from None
+    if isinstance(raw, bool) or value < 0 or (isinstance(raw, float) and raw != value):
+        raise ConfigError(f"{path}: expected a whole number ≥ 0, got {raw!r}")
+    return value
+
+
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_ISO_DURATION = re.compile(
+    r"^P(?:(?P<d>\d+(?:\.\d+)?)D)?(?:T(?:(?P<h>\d+(?:\.\d+)?)H)?(?:(?P<m>\d+(?:\.\d+)?)M)?"
+    r"(?:(?P<s>\d+(?:\.\d+)?)S)?)?$")
+
+
+def parse_duration(raw: Any, path: str) -> float:
+    """Seconds from ``2.5``, ``"500ms"``, ``"30s"``, ``"5m"``, ``"1h"``, ``"2d"`` or ISO 8601
+    ``"PT2S"`` (Knative's ``backoffDelay``)."""
+    if isinstance(raw, int | float) and not isinstance(raw, bool) and raw >= 0:
+        return float(raw)
+    if isinstance(raw, str):
+        text = raw.strip()
+        match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?", text)
+        if match:
+            return float(match.group(1)) * _UNITS[match.group(2) or "s"]
+        iso = _ISO_DURATION.match(text.upper())
+        if iso and text.upper() not in ("P", "PT"):
+            parts = {k: float(v) for k, v in iso.groupdict().items() if v}
+            return (parts.get("d", 0) * 86400 + parts.get("h", 0) * 3600
+                    + parts.get("m", 0) * 60 + parts.get("s", 0))
+    raise ConfigError(f"{path}: expected a duration such as 30s, 5m or PT2S, got {raw!r}")
+
+
+def _choice(*options: str) -> Callable[[Any, str], str]:
+    def parse(raw: Any, path: str) -> str:
+        if raw not in options:
+            raise ConfigError(f"{path}: expected one of {', '.join(options)}, got {raw!r}")
+        return raw
+    return parse
+
+
+def check_broker_url(url: str, path: str = "broker.url") -> str:
+    """Refuse anything but a well-formed ``redis://``/``rediss://`` URL, without echoing a
+    password."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise ConfigError(f"{path}: malformed broker URL {redact_url(url)!r}") from None
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+        raise ConfigError(f"{path}: expected redis://[:password@]host[:port][/db], "
+                          f"got {redact_url(url)!r}")
+    db = parts.path.lstrip("/")
+    if db and not db.isdigit():
+        raise ConfigError(f"{path}: the database in {redact_url(url)!r} must be a number")
+    del port
+    return url
+
+
+def check_sdk_url(url: str, path: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise ConfigError(f"{path}: expected https://<vcenter>/sdk, got {redact_url(url)!r}")
+    return url
+
+
+# --- sections: file key → (dataclass field, parser)
+
+_VCENTER = {
+    "url": ("url", lambda raw, path: check_sdk_url(_string(raw, path), path)),
+    "address": ("url", lambda raw, path: check_sdk_url(_string(raw, path), path)),  # VEBA's name
+    "username": ("username", _string),
+    "password": ("password", _secret),
+    "insecureSSL": ("insecure_ssl", _boolean),
+    "caBundle": ("ca_bundle", _string),
+    "pollInterval": ("poll_interval", parse_duration),
+    "maxPollInterval": ("max_poll_interval", parse_duration),
+    "pageSize": ("page_size", _positive_int),
+    "latestPageFallback": ("latest_page_fallback", _boolean),
+}
+_VROPS = {
+    "url": ("url", _string),
+    "username": ("username", _string),
+    "password": ("password", _secret),
+    "authSource": ("auth_source", _string),
+    "insecureSSL": ("insecure_ssl", _boolean),
+    "caBundle": ("ca_bundle", _string),
+    "timeout": ("timeout", parse_duration),
+}
+_RETRY = {
+    "retry": ("max_retries", _positive_int),
+    "maxRetries": ("max_retries", _positive_int),
+    "backoffPolicy": ("backoff", _choice("exponential", "linear")),
+    "backoffDelay": ("initial_delay", parse_duration),
+    "initialDelay": ("initial_delay", parse_duration),
+    "maxDelay": ("max_delay", parse_duration),
+    "jitter": ("jitter", _boolean),
+}
+_TOP_LEVEL = ("broker", "vcenter", "cloudevents", "functions", "triggers", "pools", "vrops",
+              "apiVersion", "kind")
+
+#: Environment variables → (section, file key). Env wins over the file.
+ENVIRONMENT: dict[str, tuple[str, str]] = {
+    "VCENTER_URL": ("vcenter", "url"),
+    "VCENTER_USER": ("vcenter", "username"),
+    "VCENTER_PASSWORD": ("vcenter", "password"),
+    "VCENTER_INSECURE_SSL": ("vcenter", "insecureSSL"),
+    "VCENTER_CA_BUNDLE": ("vcenter", "caBundle"),
+    "VCENTER_POLL_INTERVAL": ("vcenter", "pollInterval"),
+    "VROPS_URL": ("vrops", "url"),
+    "VROPS_USER": ("vrops", "username"),
+    "VROPS_PASSWORD": ("vrops", "password"),
+    "VROPS_AUTH_SOURCE": ("vrops", "authSource"),
+    "VROPS_INSECURE_SSL": ("vrops", "insecureSSL"),
+    "VROPS_CA_BUNDLE": ("vrops", "caBundle"),
+    # The secret keys of the VEBA walkthrough's vROps functions.
+    "vropsFqdn": ("vrops", "url"),
+    "vropsUser": ("vrops", "username"),
+    "vropsPassword": ("vrops", "password"),
+}
+
+
+def _apply(obj: Any, raw: Any, fields: dict[str, tuple[str, Callable]], path: str) -> Any:
+    if raw is None:
+        return obj
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{path}: expected a mapping, got {type(raw).__name__}")
+    changes = {}
+    for key, value in raw.items():
+        if key not in fields:
+            raise ConfigError(f"{path}.{key}: unknown key (expected one of "
+                              f"{', '.join(sorted(fields))})")
+        attribute, parse = fields[key]
+        changes[attribute] = parse(value, f"{path}.{key}")
+    return replace(obj, **changes)
+
+
+def _parse_triggers(raw: Any, known_pools: set[str] | None) -> tuple[Trigger, ...]:
+    if not isinstance(raw, list):
+        raise ConfigError("triggers: expected a list")
+    triggers = []
+    for i, item in enumerate(raw):
+        path = f"triggers[{i}]"
+        if not isinstance(item, Mapping):
+            raise ConfigError(f"{path}: expected a mapping with name, pool and filters")
+        unknown = set(item) - {"name", "pool", "filters"}
+        if unknown:
+            raise ConfigError(f"{path}.{sorted(unknown)[0]}: unknown key "
+                              f"(expected name, pool, filters)")
+        if "pool" not in item:
+            raise ConfigError(f"{path}.pool: missing (the worker pool that gets these events)")
+        pool = _string(item["pool"], f"{path}.pool")
+        if known_pools is not None and pool not in known_pools:
+            raise ConfigError(f"{path}.pool: unknown pool {pool!r} "
+                              f"(known pools: {', '.join(sorted(known_pools))})")
+        filters = item.get("filters") or []
+        if not isinstance(filters, list):
+            raise ConfigError(f"{path}.filters: expected a list of filters")
+        triggers.append(Trigger(
+            name=_string(item.get("name", pool), f"{path}.name"), pool=pool,
+            filters=tuple(parse_filter(f, f"{path}.filters[{j}]") for j, f in enumerate(filters)),
+        ))
+    return tuple(triggers)
+
+
+def load(path: str | os.PathLike | None = None, environ: Mapping[str, str] | None = None,
+         known_pools: set[str] | None = None) -> Settings:
+    """Read the settings.
+
+    :param path: the YAML file; defaults to ``$VEBAQ_CONFIG``; none is fine.
+    :param environ: the environment to read (``os.environ`` by default).
+    :param known_pools: pool names a trigger may use; ``None`` skips that check.
+    """
+    environ = os.environ if environ is None else environ
+    path = path or environ.get("VEBAQ_CONFIG") or None
+    raw: dict[str, Any] = {}
+    where = "config"
+    if path:
+        where = str(path)
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{where}: no such configuration file") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{where}: cannot read: {exc}") from None
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            line = f" (line {mark.line + 1})" if mark else ""
+            raise ConfigError(f"{where}: not valid YAML{line}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{where}: expected a mapping at the top level")
+        raw = loaded or {}
+    try:
+        return _build(raw, environ, known_pools)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _build(raw: dict[str, Any], environ: Mapping[str, str],
+           known_pools: set[str] | None) -> Settings:
+    for key in raw:
+        if key not in _TOP_LEVEL:
+            raise ConfigError(f"{key}: unknown key (expected one of {', '.join(_TOP_LEVEL)})")
+    sections: dict[str, dict[str, Any]] = {}
+    for name in ("broker", "vcenter", "vrops", "cloudevents", "pools"):
+        value = raw.get(name)
+        if value is not None and not isinstance(value, Mapping):
+            raise ConfigError(f"{name}: expected a mapping, got {type(value).__name__}")
+        sections[name] = dict(value or {})
+    vcenter_raw = sections["vcenter"]
+    checkpoint = vcenter_raw.pop("checkpoint", None) or {}
+    for env_name, (section, key) in ENVIRONMENT.items():
+        if environ.get(env_name):
+            sections[section][key] = environ[env_name]
+
+    broker = sections["broker"]
+    unknown = set(broker) - {"url"}
+    if unknown:
+        raise ConfigError(f"broker.{sorted(unknown)[0]}: unknown key (expected url)")
+    broker_url = environ.get("VEBAQ_BROKER_URL") or broker.get("url") or DEFAULT_BROKER_URL
+    check_broker_url(_string(broker_url, "broker.url"),
+                     "VEBAQ_BROKER_URL" if environ.get("VEBAQ_BROKER_URL") else "broker.url")
+
+    vcenter = _apply(VCenterSettings(), vcenter_raw, _VCENTER, "vcenter")
+    checkpoint = _apply({}, checkpoint, {"maxAge": ("maxAge", parse_duration)},
+                        "vcenter.checkpoint") if checkpoint else {}
+    if checkpoint:
+        vcenter = replace(vcenter, checkpoint_max_age=checkpoint["maxAge"])
+    if vcenter.page_size < 1 or vcenter.page_size > 1000:
+        raise ConfigError(f"vcenter.pageSize: must be between 1 and 1000, got {vcenter.page_size}")
+    if vcenter.poll_interval <= 0 or vcenter.max_poll_interval < vcenter.poll_interval:
+        raise ConfigError("vcenter.pollInterval: must be > 0 and ≤ vcenter.maxPollInterval")
+    vrops = _apply(VropsSettings(), sections["vrops"], _VROPS, "vrops")
+    if vrops.url and "://" not in vrops.url:  # the walkthrough's vropsFqdn is a bare host name
+        vrops = replace(vrops, url=f"https://{vrops.url}")
+
+    ce = sections["cloudevents"]
+    unknown = set(ce) - {"type"}
+    if unknown:
+        raise ConfigError(f"cloudevents.{sorted(unknown)[0]}: unknown key (expected type)")
+    cloudevent_type = _choice("router", "vsphere")(
+        environ.get("VEBAQ_CLOUDEVENT_TYPE") or ce.get("type", "router"), "cloudevents.type")
+
+    functions_raw = raw.get("functions") or []
+    if isinstance(functions_raw, str):
+        functions_raw = [functions_raw]
+    if not isinstance(functions_raw, list):
+        raise ConfigError("functions: expected a list of Python module names")
+    functions = [_string(m, f"functions[{i}]") for i, m in enumerate(functions_raw)]
+    functions += [m for m in environ.get("VEBAQ_FUNCTIONS", "").split(",") if m.strip()]
+
+    retry = {}
+    for pool, pool_raw in sections["pools"].items():
+        pool_raw = pool_raw or {}
+        if not isinstance(pool_raw, Mapping) or set(pool_raw) - {"retry"} - set(_RETRY):
+            # A pool section holds the retry keys directly (Knative style) or under "retry".
+            extra = sorted(set(pool_raw) - {"retry"} - set(_RETRY)) if isinstance(
+                pool_raw, Mapping) else ["<not a mapping>"]
+            raise ConfigError(f"pools.{pool}.{extra[0]}: unknown key "
+                              f"(expected one of {', '.join(sorted(_RETRY))})")
+        if known_pools is not None and pool not in known_pools:
+            raise ConfigError(f"pools.{pool}: unknown pool "
+                              f"(known pools: {', '.join(sorted(known_pools))})")
+        retry[pool] = _apply(RetryPolicy(), pool_raw, _RETRY, f"pools.{pool}")
+
+    triggers = DEFAULT_TRIGGERS
+    if "triggers" in raw:
+        triggers = _parse_triggers(raw["triggers"], known_pools)
+    elif known_pools is not None:
+        triggers = tuple(t for t in DEFAULT_TRIGGERS if t.pool in known_pools)
+
+    return Settings(broker_url=broker_url, vcenter=vcenter, vrops=vrops,
+                    cloudevent_type=cloudevent_type, triggers=triggers, retry=retry,
+                    functions=tuple(m.strip() for m in functions))

@@ -1,0 +1,165 @@
+"""The Celery app: one task per event subject, any subject accepted, safe delivery settings.
+
+Celery runs only task names it knows, in the worker's consumer *and* in each prefork child.
+vebaq's task names are event subjects, and ``EventEx``/``ExtendedEvent`` subjects are open-ended
+(``com.vmware.cl.CreateLibraryItemEvent``), so:
+
+* every event class pyvmomi knows is registered up front (Flower's task-type list shows them);
+* :class:`SubjectRegistry` creates a task on first lookup of any other name, in every process;
+* :class:`SubjectConsumer` builds the consumer's strategy for such a name on first sight.
+
+All tasks share one body, :func:`workers.execution.handle`, which runs the functions of the
+pool the message was sent to.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any
+
+from celery import Celery, Task, signals
+from celery.app.registry import TaskRegistry
+from celery.app.trace import build_tracer
+from celery.worker.consumer import Consumer
+from kombu import Exchange, Queue
+
+from producer.cloudevent import event_classes
+from vebaq.config import DEFAULT_BROKER_URL
+from vebaq.errors import VebaqError
+from vebaq.logs import install_scrubber
+
+
+class EventTask(Task):
+    """The task for one event subject; its name is the subject."""
+
+    #: Ack after the functions ran, and requeue when the worker process dies mid-task.
+    acks_late = True
+    reject_on_worker_lost = True
+    ignore_result = True
+    #: Arguments are checked in :func:`workers.execution.handle`, so a bad message becomes a
+    #: dead letter instead of a TypeError before the body runs.
+    typing = False
+
+
+class SubjectRegistry(TaskRegistry):
+    """A task registry that makes an :class:`EventTask` for any name it is asked for."""
+
+    app: Celery | None = None
+
+    def __missing__(self, name: str) -> Task:
+        if self.app is None or not isinstance(name, str) or not name or name.startswith("celery."):
+            return super().__missing__(name)
+        task = self.app.register_subject(name)
+        # The prefork child calls task.__trace__ directly; build it here for late names.
+        task.__trace__ = build_tracer(name, task, self.app.loader, app=self.app)
+        return task
+
+
+class _OnDemandStrategies(dict):
+    def __init__(self, consumer: Consumer) -> None:
+        super().__init__()
+        self.consumer = consumer
+
+    def __missing__(self, name: str) -> Any:
+        consumer = self.consumer
+        task = consumer.app.tasks[name]  # raises NotRegistered for names we refuse
+        strategy = self[name] = task.start_strategy(consumer.app, consumer)
+        return strategy
+
+
+class SubjectConsumer(Consumer):
+    """A worker consumer that accepts task names it has never seen (new ``EventEx`` ids)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.strategies = _OnDemandStrategies(self)
+
+
+class VebaqCelery(Celery):
+    registry_cls = SubjectRegistry
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._tasks.app = self
+
+    def register_subject(self, subject: str) -> Task:
+        """Create (once) and return the task named ``subject``."""
+        if subject in self._tasks:
+            return dict.__getitem__(self._tasks, subject)
+        return self.task(name=subject, base=EventTask, bind=True)(_run_event)
+
+
+def _run_event(task: EventTask, event: Any = None, pool: Any = None, **extra: Any) -> Any:
+    """The body of every event task: run the functions of ``pool`` for ``event``."""
+    from workers.execution import handle  # imported late: execution imports this module
+
+    return handle(task, event, pool, extra)
+
+
+#: The pools' queues, declared by producers and workers so that messages published before a
+#: worker first starts are kept.
+def queue_for(pool: str) -> Queue:
+    return Queue(pool, Exchange(pool, type="direct"), routing_key=pool)
+
+
+def create_app(broker_url: str | None = None) -> VebaqCelery:
+    """The vebaq Celery app.
+
+    :param broker_url: Redis URL; defaults to ``$VEBAQ_BROKER_URL``, then a local Redis.
+    """
+    app = VebaqCelery("vebaq", set_as_current=True)
+    app.conf.update(
+        broker_url=broker_url or os.environ.get("VEBAQ_BROKER_URL") or DEFAULT_BROKER_URL,
+        # Delivery: ack after the work is done; a dead worker's task goes back to the queue.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        # Unacked messages of a dead worker come back after this long; retries never wait in
+        # worker memory (see workers.retries), so this only bounds crash recovery.
+        broker_transport_options={"visibility_timeout": 300},
+        broker_connection_retry_on_startup=True,
+        # Never pickle: messages are JSON, so a forged message cannot run code.
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        task_ignore_result=True,
+        # Events for Flower: each task shows up under its subject with its state and runtime.
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        task_track_started=True,
+        worker_consumer="workers.app:SubjectConsumer",
+        worker_hijack_root_logger=False,
+        task_create_missing_queues=True,
+        task_default_queue="echo",
+        enable_utc=True,
+    )
+    # Named tasks for every event class pyvmomi knows; anything else is created on demand.
+    for cls in event_classes():
+        app.register_subject(cls.__name__.rsplit(".", 1)[-1])
+    return app
+
+
+@signals.worker_init.connect
+def _load_settings_early(**_: Any) -> None:
+    """Fail at start, in one line, on a bad config, instead of on the first task."""
+    from workers.runtime import settings
+
+    try:
+        settings()
+    except VebaqError as exc:
+        print(f"vebaq: error: {exc}", file=sys.stderr)
+        raise SystemExit(exc.exit_code) from None
+
+
+@signals.after_setup_logger.connect
+@signals.after_setup_task_logger.connect
+def _scrub_worker_logs(logger: logging.Logger, **_: Any) -> None:
+    from workers.runtime import settings
+
+    try:
+        secrets = settings().secrets()
+    except VebaqError:
+        secrets = ()
+    install_scrubber(secrets, logger)
