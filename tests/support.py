@@ -1,0 +1,184 @@
+"""Test helpers: real processes (simulator, producer, workers), their logs, and vCenter actions."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from pyVim.connect import Disconnect, SmartConnect
+from pyVmomi import vim
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / ".cache"
+VCSIM_SOURCE = ROOT / "tests" / "vcsim"
+#: Debian's govmomi library, which the simulator is built from (GOPATH mode, offline).
+GOPATH = "/usr/share/gocode"
+VCSIM_PACKAGES = "golang-go golang-github-vmware-govmomi-dev golang-github-google-uuid-dev"
+
+
+def wait_until(condition: Callable[[], object], timeout: float, what: str,
+               interval: float = 0.1) -> object:
+    """Poll ``condition`` until it returns something truthy; fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+class Proc:
+    """A child process whose stdout+stderr go to a log file the test can search."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_dir: Path) -> None:
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.popen = subprocess.Popen(argv, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+                                      stdin=subprocess.DEVNULL, cwd=ROOT,
+                                      start_new_session=True)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for(self, pattern: str, timeout: float = 30, count: int = 1) -> list[str]:
+        regex = re.compile(pattern)
+
+        def found() -> list[str] | None:
+            hits = regex.findall(self.log())
+            if len(hits) >= count:
+                return hits
+            if self.popen.poll() is not None:
+                raise AssertionError(f"{self.name} exited ({self.popen.returncode}) before "
+                                     f"logging {pattern!r}:\n{self.log()[-3000:]}")
+            return None
+
+        return wait_until(found, timeout, f"{self.name} to log {pattern!r} x{count}")
+
+    def signal(self, signum: int) -> None:
+        if self.popen.poll() is None:
+            os.killpg(self.popen.pid, signum)
+
+    def stop(self, timeout: float = 20) -> int:
+        """SIGTERM (warm shutdown), then SIGKILL after ``timeout``."""
+        self.signal(signal.SIGTERM)
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.signal(signal.SIGKILL)
+            self.popen.wait(10)
+        self._log.close()
+        return self.popen.returncode
+
+
+def vebaq_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "vebaq", *args]
+
+
+def start_worker(pool: str, env: dict[str, str], log_dir: Path, *, concurrency: int = 1,
+                 name: str | None = None, extra: tuple[str, ...] = ()) -> Proc:
+    proc = Proc(name or f"worker-{pool}",
+                vebaq_argv("worker", "--pool", pool, "-c", str(concurrency), *extra), env, log_dir)
+    proc.wait_for(r"celery@|ready\.", timeout=60)
+    proc.wait_for(r"ready\.", timeout=60)
+    return proc
+
+
+def start_producer(env: dict[str, str], log_dir: Path, name: str = "producer") -> Proc:
+    proc = Proc(name, vebaq_argv("producer", "--metrics-port", "0"), env, log_dir)
+    proc.wait_for(r"reading vCenter", timeout=60)
+    return proc
+
+
+# --- the vCenter simulator
+
+def build_vcsim() -> Path:
+    """Build the simulator from tests/vcsim/main.go (cached in .cache/); fail with the fix."""
+    binary = CACHE / "vcsim-lite"
+    source = VCSIM_SOURCE / "main.go"
+    if binary.exists() and binary.stat().st_mtime >= source.stat().st_mtime:
+        return binary
+    go = shutil.which("go")
+    if go is None or not Path(GOPATH, "src/github.com/vmware/govmomi/simulator").is_dir():
+        raise RuntimeError("the vCenter simulator needs Go and govmomi: apt-get install "
+                           f"{VCSIM_PACKAGES} (the README's test command does this), or set "
+                           "VEBAQ_VCSIM_URL to a running vcsim")
+    CACHE.mkdir(exist_ok=True)
+    env = {**os.environ, "GOPATH": GOPATH, "GO111MODULE": "off",
+           "GOCACHE": str(CACHE / "go-build")}
+    result = subprocess.run([go, "build", "-o", str(binary), "."], cwd=VCSIM_SOURCE, env=env,
+                            capture_output=True, text=True, timeout=600)
+    if result.returncode != 0:
+        raise RuntimeError(f"building the vCenter simulator failed:\n{result.stderr[-2000:]}")
+    return binary
+
+
+class Simulator:
+    """A running vcsim-lite process (govmomi's VPX model on plain HTTP)."""
+
+    def __init__(self, binary: Path, log_dir: Path, *args: str) -> None:
+        self.log_path = log_dir / "vcsim.log"
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.popen = subprocess.Popen([str(binary), *args], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, stderr=self._log, text=True)
+        self.url = self.popen.stdout.readline().strip()
+        if not self.url.startswith("http"):
+            raise RuntimeError(f"vcsim did not start: {self.log_path.read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        self.popen.terminate()
+        self.popen.wait(10)
+        self._log.close()
+
+
+class VCenter:
+    """A pyvmomi client of the simulator, for doing things that make events."""
+
+    def __init__(self, url: str, user: str = "tester", password: str = "tester-password") -> None:
+        parts = urlsplit(url)
+        self.si = SmartConnect(protocol=parts.scheme, host=parts.hostname, port=parts.port,
+                               user=user, pwd=password, disableSslCertValidation=True)
+        self.content = self.si.RetrieveContent()
+        self.instance_uuid = self.content.about.instanceUuid
+
+    def hosts(self) -> list[vim.HostSystem]:
+        view = self.content.viewManager.CreateContainerView(self.content.rootFolder,
+                                                            [vim.HostSystem], True)
+        try:
+            return sorted(view.view, key=lambda h: h.name)
+        finally:
+            view.DestroyView()
+
+    def post(self, event: vim.event.Event) -> None:
+        """Post ``event``; the simulator sets its key, chain id, time and user."""
+        event.key = event.key or 0
+        event.chainId = event.chainId or 0
+        event.createdTime = event.createdTime or self.si.CurrentTime()
+        event.userName = event.userName or "tester"
+        self.content.eventManager.PostEvent(event)
+
+    def maintenance(self, host: vim.HostSystem, enter: bool) -> None:
+        """Run the real maintenance-mode task, then post the event a vCenter would emit (the
+        simulator's task does not post it)."""
+        task = host.EnterMaintenanceMode_Task(timeout=0) if enter else \
+            host.ExitMaintenanceMode_Task(timeout=0)
+        while task.info.state not in ("success", "error"):
+            time.sleep(0.05)
+        cls = vim.event.EnteredMaintenanceModeEvent if enter else vim.event.ExitMaintenanceModeEvent
+        datacenter = self.content.rootFolder.childEntity[0]
+        self.post(cls(host=vim.event.HostEventArgument(host=host, name=host.name),
+                      datacenter=vim.event.DatacenterEventArgument(datacenter=datacenter,
+                                                                   name=datacenter.name)))
+
+    def close(self) -> None:
+        Disconnect(self.si)
