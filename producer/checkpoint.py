@@ -30,8 +30,13 @@ OVERLAP = timedelta(seconds=10)
 
 @dataclass(frozen=True)
 class Checkpoint:
+    """:param key: the last enqueued event; :param created: its creation time;
+    :param floor: events created before this were never the producer's (it first started
+    then, without a checkpoint); :param updated: when this was written (epoch seconds)."""
+
     key: int
     created: datetime
+    floor: datetime
     updated: float
 
     def age(self, now: float | None = None) -> float:
@@ -56,24 +61,30 @@ class CheckpointStore:
         if raw is None:
             return None
         data = json.loads(raw)
-        return Checkpoint(int(data["key"]), datetime.fromisoformat(data["created"]),
+        created = datetime.fromisoformat(data["created"])
+        return Checkpoint(int(data["key"]), created,
+                          datetime.fromisoformat(data.get("floor") or data["created"]),
                           float(data["updated"]))
 
-    def resume_from(self, vcenter_now: datetime) -> tuple[datetime, Checkpoint | None]:
-        """Where to start reading: the checkpoint minus the overlap, but no earlier than
-        ``retention`` before vCenter's clock; without a checkpoint, vCenter's now."""
+    def resume_from(self, vcenter_now: datetime) -> tuple[datetime, datetime, Checkpoint | None]:
+        """``(begin, floor, checkpoint)``: read from the checkpoint minus the overlap, and
+        ignore events created before the floor (the first start); neither earlier than
+        ``retention`` before vCenter's clock. Without a checkpoint both are vCenter's now."""
         checkpoint = self.load()
         if checkpoint is None:
-            return vcenter_now, None
+            return vcenter_now, vcenter_now, None
         oldest = vcenter_now - timedelta(seconds=self.retention)
-        return max(checkpoint.created - OVERLAP, oldest), checkpoint
+        return (max(checkpoint.created - OVERLAP, oldest), max(checkpoint.floor, oldest),
+                checkpoint)
 
     def published_since(self, since: datetime) -> list[int]:
         return [int(k) for k in self.redis.zrangebyscore(self.published_key, since.timestamp(),
                                                          "+inf")]
 
-    def commit(self, events: list[tuple[int, datetime]]) -> Checkpoint:
-        """Record ``(key, created)`` pairs as published; the last one becomes the checkpoint."""
+    def commit(self, events: list[tuple[int, datetime]], floor: datetime) -> Checkpoint:
+        """Record ``(key, created)`` pairs as published; the last one becomes the checkpoint.
+
+        :param floor: the reader's floor, kept for the next start."""
         key, created = events[-1]
         now = time.time()
         pipe = self.redis.pipeline(transaction=True)
@@ -81,6 +92,7 @@ class CheckpointStore:
         newest = max(c for _, c in events)
         pipe.zremrangebyscore(self.published_key, "-inf", newest.timestamp() - self.retention)
         pipe.set(self.key, json.dumps({"key": key, "created": created.astimezone(UTC).isoformat(),
+                                       "floor": floor.astimezone(UTC).isoformat(),
                                        "updated": now}))
         pipe.execute()
-        return Checkpoint(key, created, now)
+        return Checkpoint(key, created, floor, now)

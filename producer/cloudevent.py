@@ -13,6 +13,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
+from cloudevents.core.exceptions import BaseCloudEventException
 from cloudevents.core.formats.json import JSONFormat
 from cloudevents.core.v1.event import CloudEvent
 from pyVmomi import VmomiSupport, vim, vmodl
@@ -139,16 +140,27 @@ def to_structured(event: CloudEvent) -> dict[str, Any]:
     return json.loads(_FORMAT.write(event))
 
 
+#: What a structured event must carry; the SDK would invent a missing ``id``.
+REQUIRED_ATTRIBUTES = ("specversion", "id", "source", "type")
+
+
 def from_structured(payload: dict[str, Any] | str | bytes) -> CloudEvent:
-    """Parse and validate the structured form; raises ``ValueError`` subclasses on bad input."""
-    if isinstance(payload, dict):
-        payload = json.dumps(payload)
+    """Parse and validate the structured form; raises ``ValueError`` saying what is wrong."""
     try:
-        return _FORMAT.read(None, payload)
+        parsed = json.loads(payload) if isinstance(payload, str | bytes) else payload
     except json.JSONDecodeError as exc:
-        raise ValueError(f"not a JSON CloudEvent: {exc.msg} at position {exc.pos}") from None
-    except (TypeError, AttributeError, KeyError) as exc:
-        raise ValueError(f"not a CloudEvent: {exc}") from None
+        raise ValueError(f"not JSON: {exc.msg} at position {exc.pos}") from None
+    if not isinstance(parsed, dict):
+        raise ValueError(f"expected a JSON object, got {type(parsed).__name__}")
+    missing = [name for name in REQUIRED_ATTRIBUTES if not parsed.get(name)]
+    if missing:
+        raise ValueError(f"missing required attribute(s): {', '.join(missing)}")
+    try:
+        return _FORMAT.read(None, json.dumps(parsed))
+    except BaseCloudEventException as exc:
+        raise ValueError(f"invalid CloudEvent: {str(exc)[:300]}") from None
+    except (TypeError, AttributeError, KeyError, OverflowError) as exc:
+        raise ValueError(f"invalid CloudEvent: {exc}") from None
 
 
 def event_classes() -> list[type]:

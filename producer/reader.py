@@ -59,18 +59,20 @@ class EventReader:
     """New events of one vCenter, in key order, each once.
 
     :param content: the session's ``ServiceInstanceContent``.
-    :param begin: ignore events created before this time (vCenter's clock).
+    :param begin: the collector's time filter: read events created since then (vCenter's clock).
+    :param floor: never return events created before this (defaults to ``begin``).
     :param seen: keys already published (restored from the checkpoint after a restart).
     :param page_size: events per ``ReadNextEvents`` call.
     :param latest_page_fallback: also read ``latestPage`` (see the module docstring).
     """
 
     def __init__(self, content: vim.ServiceInstanceContent, *, begin: datetime, seen: SeenKeys,
-                 page_size: int = 100, latest_page_fallback: bool = True) -> None:
+                 floor: datetime | None = None, page_size: int = 100,
+                 latest_page_fallback: bool = True) -> None:
         self.content = content
         self.begin = begin
         #: Events created before this are never returned (the simulator ignores time filters).
-        self.floor = begin
+        self.floor = floor or begin
         self.seen = seen
         self.page_size = page_size
         self.latest_page_fallback = latest_page_fallback

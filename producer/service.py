@@ -74,9 +74,9 @@ class ProducerService:
         self.metrics.connected = True
         vc = self.settings.vcenter
         self.store = CheckpointStore(self.redis, self.session.instance_uuid, vc.checkpoint_max_age)
-        begin, checkpoint = self.store.resume_from(self._vcenter_now())
+        begin, floor, checkpoint = self.store.resume_from(self._vcenter_now())
         seen = SeenKeys(self.store.published_since(begin))
-        self.reader = EventReader(self.session.content, begin=begin, seen=seen,
+        self.reader = EventReader(self.session.content, begin=begin, floor=floor, seen=seen,
                                   page_size=vc.page_size,
                                   latest_page_fallback=vc.latest_page_fallback)
         self.reader.open()
@@ -151,7 +151,8 @@ class ProducerService:
         try:
             if batch:
                 self.publisher.publish(batch)
-            checkpoint = self.store.commit([(key, created) for key, created, _ in pending])
+            checkpoint = self.store.commit([(key, created) for key, created, _ in pending],
+                                           self.reader.floor)
         except BROKER_ERRORS as exc:
             self.metrics.publish_errors.inc()
             logger.error("Redis did not take %d event(s), keeping them and retrying: %s",

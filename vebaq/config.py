@@ -382,10 +382,11 @@ def _build(raw: dict[str, Any], environ: Mapping[str, str],
                      "VEBAQ_BROKER_URL" if environ.get("VEBAQ_BROKER_URL") else "broker.url")
 
     vcenter = _apply(VCenterSettings(), vcenter_raw, _VCENTER, "vcenter")
-    checkpoint = _apply({}, checkpoint, {"maxAge": ("maxAge", parse_duration)},
-                        "vcenter.checkpoint") if checkpoint else {}
-    if checkpoint:
-        vcenter = replace(vcenter, checkpoint_max_age=checkpoint["maxAge"])
+    if not isinstance(checkpoint, Mapping) or set(checkpoint) - {"maxAge"}:
+        raise ConfigError("vcenter.checkpoint: expected a mapping with maxAge only")
+    if "maxAge" in checkpoint:
+        vcenter = replace(vcenter, checkpoint_max_age=parse_duration(
+            checkpoint["maxAge"], "vcenter.checkpoint.maxAge"))
     if vcenter.page_size < 1 or vcenter.page_size > 1000:
         raise ConfigError(f"vcenter.pageSize: must be between 1 and 1000, got {vcenter.page_size}")
     if vcenter.poll_interval <= 0 or vcenter.max_poll_interval < vcenter.poll_interval:

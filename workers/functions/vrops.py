@@ -1,1 +1,249 @@
-"""The ``vrops`` pool: mirrors host maintenance mode into vRealize Operations (see issue 3)."""
+"""The ``vrops`` pool: mirrors host maintenance mode into vRealize Operations (see issue 3).
+
+``EnteredMaintenanceModeEvent`` marks the host's vROps resource as maintained (``PUT``),
+``ExitMaintenanceModeEvent`` unmarks it (``DELETE``). The host is identified by its name and moref
+(``data["Host"]``) and its vCenter's instance UUID (the ``vcenteruuid`` extension attribute).
+
+Retries and parallel workers reorder events, so vROps must end in the state of the *latest*
+vCenter event per host, not of the last one processed. Per ``(vCenter, host)`` the worker keeps the
+order — ``(time, key)`` — of the latest event applied, in :data:`APPLIED_KEY`, and under a short
+per-host Redis lock (:data:`LOCK_KEY`) does: skip the event if it is not newer than the applied one
+("stale" or "already applied"), call vROps, record it (a Lua compare-and-set, which only moves
+forward). An event therefore causes at most one ``PUT``/``DELETE`` once it succeeded, and an older
+event never overrides a newer one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import redis
+from cloudevents.core.v1.event import CloudEvent
+from redis.exceptions import LockError
+
+from vebaq.config import VropsSettings
+from workers import runtime, state
+from workers.errors import PermanentError
+from workers.pools import function
+from workers.vrops_client import VropsClient
+
+logger = logging.getLogger("vebaq.vrops")
+
+#: Event subject → whether the host is maintained afterwards.
+MAINTAINED_AFTER = {"EnteredMaintenanceModeEvent": True, "ExitMaintenanceModeEvent": False}
+
+#: Hash with the latest event applied per host: ``time`` (µs since the epoch), ``key`` (the vCenter
+#: event key), ``id``, ``subject``, ``maintained`` (``1``/``0``) and the vROps ``resource`` id.
+APPLIED_KEY = f"{state.PREFIX}:vrops:applied:{{vc_uuid}}:{{moref}}"
+
+#: Per-host lock serialising "check stale → call vROps → record applied".
+LOCK_KEY = f"{state.PREFIX}:vrops:lock:{{vc_uuid}}:{{moref}}"
+
+#: Seconds an applied record is kept: far longer than any retry or redelivery of an older event.
+APPLIED_TTL = 30 * 24 * 3600
+
+#: HTTP calls an event may make while it holds the lock (token, 401 and re-acquire, lookup, mark,
+#: 404 and re-lookup): the lock outlives them all, each bounded by the vROps timeout.
+CALLS_UNDER_LOCK = 6
+
+#: Extra seconds of lock lifetime beyond those calls (Redis round trips, scheduling).
+LOCK_SLACK = 5.0
+
+#: Compare-and-set of the applied record; returns ``{1}`` if recorded, else ``{0, maintained}``
+#: of the record that is as new or newer.
+_RECORD_LUA = """
+local t = tonumber(ARGV[1])
+local k = tonumber(ARGV[2])
+local current = redis.call('HMGET', KEYS[1], 'time', 'key', 'maintained')
+if current[1] then
+  local ct = tonumber(current[1])
+  local ck = tonumber(current[2])
+  if t < ct or (t == ct and k <= ck) then
+    return {0, current[3]}
+  end
+end
+redis.call('HSET', KEYS[1], 'time', ARGV[1], 'key', ARGV[2], 'id', ARGV[3],
+           'maintained', ARGV[4], 'subject', ARGV[5], 'resource', ARGV[6])
+redis.call('EXPIRE', KEYS[1], ARGV[7])
+return {1}
+"""
+
+#: Outcomes :func:`maintenance_mode` returns.
+APPLIED, STALE, DUPLICATE = "applied", "stale", "duplicate"
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_clients: dict[tuple[int, VropsSettings], VropsClient] = {}
+_clients_lock = threading.Lock()
+
+
+class HostBusy(Exception):
+    """Another worker held the host's lock for longer than expected; retried later."""
+
+
+@dataclass(frozen=True)
+class HostEvent:
+    """What the pool needs from a maintenance-mode CloudEvent.
+
+    :param time_us: the event's creation time (CloudEvent ``time``) in µs since the epoch.
+    :param key: the vCenter event key (``data["Key"]``), which orders events of the same time.
+    """
+
+    subject: str
+    event_id: str
+    host_name: str
+    moref: str
+    vc_uuid: str
+    maintained: bool
+    time_us: int
+    key: int
+
+    @property
+    def order(self) -> tuple[int, int]:
+        return self.time_us, self.key
+
+    def describe(self) -> str:
+        return f"{self.subject} {self.key} for {self.host_name} ({self.moref})"
+
+
+def host_event(event: CloudEvent) -> HostEvent:
+    """Read a :class:`HostEvent`; raises :class:`PermanentError` saying what is missing."""
+    subject = event.get_subject() or ""
+    if subject not in MAINTAINED_AFTER:
+        raise PermanentError(f"vrops: cannot handle subject {subject!r} "
+                             f"(expected {' or '.join(MAINTAINED_AFTER)})")
+    data: Any = event.get_data()
+    if isinstance(data, str | bytes):
+        try:
+            data = json.loads(data)
+        except ValueError:
+            data = None
+    if not isinstance(data, dict):
+        raise PermanentError(f"vrops: {subject} {event.get_id()} has no JSON object data")
+    host = data.get("Host")
+    ref = host.get("Host") if isinstance(host, dict) else None
+    name = host.get("Name") if isinstance(host, dict) else None
+    moref = ref.get("Value") if isinstance(ref, dict) else None
+    if not isinstance(name, str) or not name or not isinstance(moref, str) or not moref:
+        raise PermanentError(f"vrops: {subject} {event.get_id()} names no host "
+                             f"(expected data.Host.Name and data.Host.Host.Value)")
+    key = data.get("Key")
+    if not isinstance(key, int) or isinstance(key, bool):
+        raise PermanentError(f"vrops: {subject} {event.get_id()} has no integer data.Key")
+    vc_uuid = event.get_extension("vcenteruuid")
+    if not isinstance(vc_uuid, str) or not vc_uuid:
+        raise PermanentError(f"vrops: {subject} {event.get_id()} has no vcenteruuid attribute "
+                             f"(the vCenter instance UUID, set by the producer)")
+    created = event.get_time()
+    if not isinstance(created, datetime):
+        raise PermanentError(f"vrops: {subject} {event.get_id()} has no time attribute")
+    time_us = (created - _EPOCH) // timedelta(microseconds=1)
+    return HostEvent(subject, event.get_id(), name, moref, vc_uuid.lower(),
+                     MAINTAINED_AFTER[subject], time_us, key)
+
+
+def client(settings: VropsSettings) -> VropsClient:
+    """The process's client for ``settings`` (its token and resource ids are reused)."""
+    if not settings.url or not settings.username or not settings.password:
+        raise PermanentError("vROps is not configured: set VROPS_URL, VROPS_USER and "
+                             "VROPS_PASSWORD (or vropsFqdn, vropsUser and vropsPassword, or the "
+                             "vrops: section of the config file)")
+    key = (os.getpid(), settings)
+    with _clients_lock:
+        if key not in _clients:
+            _clients[key] = VropsClient(settings)
+        return _clients[key]
+
+
+def reset_clients() -> None:
+    """Forget the cached clients (tests; a changed configuration)."""
+    with _clients_lock:
+        for vrops in _clients.values():
+            vrops.close()
+        _clients.clear()
+
+
+def applied(r: redis.Redis, vc_uuid: str, moref: str) -> dict[str, str]:
+    """The applied record of a host (empty if none): ``time``, ``key``, ``id``, ``maintained`` …"""
+    raw = r.hgetall(APPLIED_KEY.format(vc_uuid=vc_uuid.lower(), moref=moref))
+    return {k.decode(): v.decode() for k, v in raw.items()}
+
+
+def _skip_reason(r: redis.Redis, host: HostEvent) -> str | None:
+    """``STALE`` or ``DUPLICATE`` if an event as new or newer was applied already."""
+    record = applied(r, host.vc_uuid, host.moref)
+    if not record:
+        return None
+    order = (int(record["time"]), int(record["key"]))
+    if order == host.order:
+        return DUPLICATE
+    return STALE if order > host.order else None
+
+
+def _record(r: redis.Redis, host: HostEvent, resource_id: str) -> tuple[bool, bool | None]:
+    """Record ``host`` as applied unless a newer one is; returns ``(recorded, newer's state)``."""
+    script = r.register_script(_RECORD_LUA)
+    result = script(keys=[APPLIED_KEY.format(vc_uuid=host.vc_uuid, moref=host.moref)],
+                    args=[host.time_us, host.key, host.event_id, int(host.maintained),
+                          host.subject, resource_id, APPLIED_TTL])
+    if int(result[0]) == 1:
+        return True, None
+    newer = result[1].decode() if isinstance(result[1], bytes) else result[1]
+    return False, newer == "1"
+
+
+def _log_skip(host: HostEvent, reason: str) -> None:
+    if reason == STALE:
+        logger.info("vrops: %s: stale, skipped (a later event for this host was applied)",
+                    host.describe())
+    else:
+        logger.info("vrops: %s: already applied, skipped", host.describe())
+
+
+@function(pool="vrops", subjects=list(MAINTAINED_AFTER), name="maintenance_mode")
+def maintenance_mode(event: CloudEvent) -> str:
+    """Mirror one maintenance-mode event into vROps; returns ``applied``, ``stale`` or
+    ``duplicate``."""
+    host = host_event(event)
+    config = runtime.settings()
+    vrops = client(config.vrops)
+    r = state.client(config.broker_url)
+
+    reason = _skip_reason(r, host)  # fast path: the record only moves forward
+    if reason:
+        _log_skip(host, reason)
+        return reason
+
+    lock_timeout = CALLS_UNDER_LOCK * config.vrops.timeout + LOCK_SLACK
+    lock = r.lock(LOCK_KEY.format(vc_uuid=host.vc_uuid, moref=host.moref),
+                  timeout=lock_timeout, blocking_timeout=lock_timeout, sleep=0.05)
+    if not lock.acquire():
+        raise HostBusy(f"vrops: {host.describe()}: host lock busy for {lock_timeout:g}s")
+    try:
+        reason = _skip_reason(r, host)
+        if reason:
+            _log_skip(host, reason)
+            return reason
+        resource_id = vrops.mark_host(host.host_name, host.moref, host.vc_uuid, host.maintained)
+        recorded, newer_maintained = _record(r, host, resource_id)
+        if not recorded:
+            # Only when our lock expired mid-call: a newer event was applied meanwhile and our
+            # call may have landed after it, so re-assert the newer state.
+            logger.warning("vrops: %s: lock expired and a newer event was applied meanwhile; "
+                           "re-applying its state", host.describe())
+            if newer_maintained is not None and newer_maintained != host.maintained:
+                vrops.set_maintained(resource_id, newer_maintained)
+            return STALE
+    finally:
+        try:
+            lock.release()
+        except LockError:
+            logger.warning("vrops: %s: host lock expired before release", host.describe())
+    logger.info("vrops: %s: resource %s %s", host.describe(), resource_id,
+                "marked maintained" if host.maintained else "unmarked (STARTED)")
+    return APPLIED
