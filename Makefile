@@ -1,0 +1,34 @@
+# Two commands set everything up on a fresh machine:
+#   make run    the pipeline (`vebaq dev`: embedded broker if no Redis is configured)
+#   make test   lint + the whole test suite on real parts (Redis, vCenter simulator, fake vROps)
+VENV   ?= .venv
+PYTHON ?= python3
+BIN     = $(VENV)/bin
+
+.PHONY: install run test lint bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+lint: install
+	$(BIN)/ruff check .
+
+test: install
+	./scripts/simulator-deps
+	$(BIN)/ruff check .
+	$(BIN)/pytest
+
+run: install
+	$(BIN)/vebaq dev
+
+bench: install
+	./scripts/simulator-deps
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache
