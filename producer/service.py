@@ -38,15 +38,19 @@ class ProducerService:
 
     :param settings: the loaded configuration.
     :param app: the Celery app to publish with (``workers.app`` by default).
+    :param simulate: read the built-in simulated source instead of vCenter, with these
+        :class:`~producer.simulated.SimulatedReader` options (``rate``, ``backlog``, ``hosts``).
     """
 
     def __init__(self, settings: Settings, app: Celery | None = None,
-                 metrics: ProducerMetrics | None = None) -> None:
+                 metrics: ProducerMetrics | None = None,
+                 simulate: dict | None = None) -> None:
         if app is None:
             from workers.app import create_app
 
             app = create_app(settings.broker_url)
         self.settings = settings
+        self.simulate = simulate
         self.app = app
         self.metrics = metrics or ProducerMetrics()
         self.stop = threading.Event()
@@ -70,15 +74,25 @@ class ProducerService:
 
     def start(self) -> None:
         self.check_broker()
-        self.session = connect(self.settings.vcenter)
-        self.metrics.connected = True
         vc = self.settings.vcenter
+        if self.simulate is not None:
+            from producer.simulated import SimulatedSession
+
+            self.session = SimulatedSession()
+        else:
+            self.session = connect(vc)
+        self.metrics.connected = True
         self.store = CheckpointStore(self.redis, self.session.instance_uuid, vc.checkpoint_max_age)
-        begin, floor, checkpoint = self.store.resume_from(self._vcenter_now())
+        begin, floor, checkpoint = self.store.resume_from(self.session.now())
         seen = SeenKeys(self.store.published_since(begin))
-        self.reader = EventReader(self.session.content, begin=begin, floor=floor, seen=seen,
-                                  page_size=vc.page_size,
-                                  latest_page_fallback=vc.latest_page_fallback)
+        if self.simulate is not None:
+            from producer.simulated import SimulatedReader
+
+            self.reader = SimulatedReader(begin=begin, floor=floor, seen=seen, **self.simulate)
+        else:
+            self.reader = EventReader(self.session.content, begin=begin, floor=floor, seen=seen,
+                                      page_size=vc.page_size,
+                                      latest_page_fallback=vc.latest_page_fallback)
         self.reader.open()
         where = (f"checkpoint: event {checkpoint.key} of {checkpoint.created.isoformat()}"
                  if checkpoint else "no checkpoint: new events only")
@@ -86,10 +100,6 @@ class ProducerService:
                     self.session.url, self.session.instance_uuid, begin.isoformat(), where,
                     redact_url(self.settings.broker_url))
         self.publisher.declare({t.pool for t in self.settings.triggers})
-
-    def _vcenter_now(self) -> datetime:
-        now = self.session.si.CurrentTime()
-        return now if now.tzinfo else now.replace(tzinfo=UTC)
 
     # --- the loop
 

@@ -6,6 +6,7 @@ import http.client
 import socket
 import ssl
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
 from pyVim.connect import Disconnect, SmartConnect
@@ -33,6 +34,11 @@ class Session:
     url: str
     instance_uuid: str
     api_version: str
+
+    def now(self) -> datetime:
+        """vCenter's clock (event times are vCenter's, so start positions use it too)."""
+        now = self.si.CurrentTime()
+        return now if now.tzinfo else now.replace(tzinfo=UTC)
 
     def close(self) -> None:
         try:

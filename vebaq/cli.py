@@ -39,7 +39,14 @@ def cli() -> None:
 @click.option("--metrics-port", envvar="VEBAQ_METRICS_PORT", type=int, default=8080,
               show_default=True, help="Port for /metrics, /stats and /healthz; 0 disables.")
 @click.option("--log-level", default="INFO", show_default=True)
-def producer(config_path: str | None, metrics_port: int, log_level: str) -> None:
+@click.option("--simulate", is_flag=True,
+              help="Read the built-in simulated event source instead of vCenter.")
+@click.option("--rate", type=float, default=2.0, show_default=True,
+              help="With --simulate: events per second.")
+@click.option("--backlog", type=int, default=0, show_default=True,
+              help="With --simulate: events already waiting at start.")
+def producer(config_path: str | None, metrics_port: int, log_level: str, simulate: bool,
+             rate: float, backlog: int) -> None:
     """Read vCenter events and enqueue them to the worker pools."""
     from vebaq import logs
 
@@ -48,7 +55,8 @@ def producer(config_path: str | None, metrics_port: int, log_level: str) -> None
     from producer.metrics import serve
     from producer.service import ProducerService
 
-    service = ProducerService(settings)
+    service = ProducerService(settings, simulate={"rate": rate, "backlog": backlog}
+                              if simulate else None)
     if metrics_port:
         serve(service.metrics, metrics_port)
 
@@ -90,6 +98,24 @@ def worker(pools: tuple[str, ...], concurrency: int | None, pool_impl: str | Non
     if pool_impl or pools == ("vrops",):
         argv += ["-P", pool_impl or "threads"]
     app.worker_main([*argv, *celery_args])
+
+
+@cli.command()
+@click.option("--pool", "pools", multiple=True, default=("echo", "vrops"), show_default=True,
+              help="Pools to run a worker for.")
+@click.option("--simulate/--no-simulate", default=None,
+              help="Use the built-in simulated event source (default: when VCENTER_URL is unset).")
+@click.option("--rate", type=float, default=1.0, show_default=True,
+              help="Simulated events per second.")
+@click.option("--flower-port", type=int, default=5555, show_default=True)
+@click.option("--metrics-port", type=int, default=8080, show_default=True)
+def dev(pools: tuple[str, ...], simulate: bool | None, rate: float, flower_port: int,
+        metrics_port: int) -> None:
+    """Run the whole pipeline in one terminal: broker, producer, workers, Flower."""
+    from vebaq import dev as dev_mode
+
+    load_settings(None)  # refuse a bad config before starting anything
+    sys.exit(dev_mode.run(pools, simulate, rate, flower_port, metrics_port))
 
 
 def main() -> None:

@@ -17,11 +17,13 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from functools import cached_property
 from typing import Any
 
 from celery import Celery, Task, signals
 from celery.app.registry import TaskRegistry
 from celery.app.trace import build_tracer
+from celery.apps.worker import Worker
 from celery.worker.consumer import Consumer
 from kombu import Exchange, Queue
 
@@ -77,12 +79,26 @@ class SubjectConsumer(Consumer):
         self.strategies = _OnDemandStrategies(self)
 
 
+class VebaqWorker(Worker):
+    """The worker banner names the pools' queues, not ~450 event subjects one per line."""
+
+    def tasklist(self, include_builtins: bool = True, sep: str = "\n",
+                 int_: str = "celery.") -> str:
+        subjects = [name for name in self.app.tasks if not name.startswith(int_)]
+        return (f"  . {len(subjects)} vSphere event subjects, and any EventEx/ExtendedEvent id "
+                f"on first sight")
+
+
 class VebaqCelery(Celery):
     registry_cls = SubjectRegistry
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._tasks.app = self
+
+    @cached_property
+    def Worker(self) -> type:  # noqa: N802 - Celery's name
+        return self.subclass_with_self("workers.app:VebaqWorker")
 
     def register_subject(self, subject: str) -> Task:
         """Create (once) and return the task named ``subject``."""
