@@ -10,6 +10,7 @@ import pytest
 from vebaq.config import VropsSettings
 from vebaq.fake_vrops import (
     MAINTAINED,
+    MAINTAINED_DELETE,
     MAINTAINED_PUT,
     RESOURCE_QUERY,
     STARTED,
@@ -86,7 +87,7 @@ def test_401_reacquires_the_token_once(fake, client):
     with pytest.raises(VropsRejected) as failure:
         client.set_maintained(rid, False)
     assert failure.value.status == 401
-    assert fake.calls == {MAINTAINED_PUT: 0, "maintained_delete": 2, TOKEN_ACQUIRE: 1}
+    assert fake.calls == {MAINTAINED_DELETE: 2, TOKEN_ACQUIRE: 1}
 
 
 def test_bad_credentials_are_rejected_without_showing_the_password(fake):
@@ -163,6 +164,7 @@ def test_5xx_429_and_timeouts_are_retryable(fake, client):
     with pytest.raises(VropsUnavailable) as failure:
         quick.resource_for_host("esx01", "host-19", VC_A)
     assert failure.value.status is None and "0.1s" in str(failure.value)
+    assert set(failure.value.knative_error_attributes()) == {"knativeerrordest"}
     fake.configure(latency=0, down=True)
     with pytest.raises(VropsUnavailable):
         client.set_maintained(rid, True)

@@ -60,11 +60,15 @@ class _HttpFailure(Exception):
         self.body = body
 
     def knative_error_attributes(self) -> dict[str, str]:
-        """The CloudEvent extensions a Knative dead-letter sink would add (``knativeerrordata``
-        is plain, shortened text here, where Knative base64-encodes the body)."""
-        return {"knativeerrordest": self.url,
-                "knativeerrorcode": "" if self.status is None else str(self.status),
-                "knativeerrordata": self.body}
+        """The CloudEvent extensions a Knative dead-letter sink would add; like Knative, the
+        code and data are left out when there was no answer. ``knativeerrordata`` is the short
+        body as text (Knative base64-encodes it)."""
+        attributes = {"knativeerrordest": self.url}
+        if self.status is not None:
+            attributes["knativeerrorcode"] = str(self.status)
+        if self.body:
+            attributes["knativeerrordata"] = self.body
+        return attributes
 
 
 class VropsUnavailable(_HttpFailure):

@@ -6,7 +6,7 @@
 
 Retries and parallel workers reorder events, so vROps must end in the state of the *latest*
 vCenter event per host, not of the last one processed. Per ``(vCenter, host)`` the worker keeps the
-order — ``(time, key)`` — of the latest event applied, in :data:`APPLIED_KEY`, and under a short
+order — ``(key, time)`` — of the latest event applied, in :data:`APPLIED_KEY`, and under a short
 per-host Redis lock (:data:`LOCK_KEY`) does: skip the event if it is not newer than the applied one
 ("stale" or "already applied"), call vROps, record it (a Lua compare-and-set, which only moves
 forward). An event therefore causes at most one ``PUT``/``DELETE`` once it succeeded, and an older
@@ -64,7 +64,7 @@ local current = redis.call('HMGET', KEYS[1], 'time', 'key', 'maintained')
 if current[1] then
   local ct = tonumber(current[1])
   local ck = tonumber(current[2])
-  if t < ct or (t == ct and k <= ck) then
+  if k < ck or (k == ck and t <= ct) then
     return {0, current[3]}
   end
 end
@@ -91,7 +91,7 @@ class HostEvent:
     """What the pool needs from a maintenance-mode CloudEvent.
 
     :param time_us: the event's creation time (CloudEvent ``time``) in µs since the epoch.
-    :param key: the vCenter event key (``data["Key"]``), which orders events of the same time.
+    :param key: the vCenter event key (``data["Key"]``): the order of events of one vCenter.
     """
 
     subject: str
@@ -105,7 +105,9 @@ class HostEvent:
 
     @property
     def order(self) -> tuple[int, int]:
-        return self.time_us, self.key
+        # vCenter allocates event keys in creation order, per vCenter (the record is per
+        # vCenter and host), so the key orders events even if vCenter's clock steps back.
+        return self.key, self.time_us
 
     def describe(self) -> str:
         return f"{self.subject} {self.key} for {self.host_name} ({self.moref})"
@@ -179,7 +181,7 @@ def _skip_reason(r: redis.Redis, host: HostEvent) -> str | None:
     record = applied(r, host.vc_uuid, host.moref)
     if not record:
         return None
-    order = (int(record["time"]), int(record["key"]))
+    order = (int(record["key"]), int(record["time"]))
     if order == host.order:
         return DUPLICATE
     return STALE if order > host.order else None
