@@ -10,6 +10,7 @@ in key order.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import deque
 from collections.abc import Iterable
@@ -91,10 +92,8 @@ class EventReader:
 
     def close(self) -> None:
         if self.collector is not None:
-            try:
+            with contextlib.suppress(Exception):  # the session may be gone already
                 self.collector.DestroyCollector()
-            except Exception:  # noqa: S110 - the session may be gone already
-                pass
             self.collector = None
 
     def _read_forward(self, page_size: int | None = None) -> list[vim.event.Event]:

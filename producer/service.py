@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from datetime import UTC, datetime
+from datetime import datetime
 
 import redis
 from celery import Celery
@@ -28,6 +28,9 @@ logger = logging.getLogger("vebaq.producer")
 
 #: Longest wait between attempts to reach vCenter or Redis again.
 MAX_RECONNECT_DELAY = 30.0
+
+#: A read event: its key, creation time, and the tasks to send (None: no trigger matched).
+Pending = tuple[int, datetime, Outgoing | None]
 
 #: Errors that mean "Redis did not take the batch": keep it and try again.
 BROKER_ERRORS = (OperationalError, KombuError, redis.RedisError, ConnectionError, OSError)
@@ -109,7 +112,7 @@ class ProducerService:
             self.start()
         vc = self.settings.vcenter
         interval = vc.poll_interval
-        pending: list[tuple[int, datetime, Outgoing | None]] = []
+        pending: list[Pending] = []
         while not self.stop.is_set():
             self.metrics.heartbeat = time.time()
             if not pending:
@@ -131,7 +134,7 @@ class ProducerService:
             self.stop.wait(interval)
         self.shutdown()
 
-    def _convert(self, events: list[vim.event.Event]) -> list[tuple[int, datetime, Outgoing | None]]:
+    def _convert(self, events: list[vim.event.Event]) -> list[Pending]:
         converted = []
         for event in events:
             try:
@@ -155,7 +158,7 @@ class ProducerService:
                         event={"vcenter": self.session.url, "raw": str(event)[:20000]},
                         error=exc, attempt=1)
 
-    def _publish(self, pending: list[tuple[int, datetime, Outgoing | None]]) -> bool:
+    def _publish(self, pending: list[Pending]) -> bool:
         """Enqueue, then commit the checkpoint; False (batch kept) if Redis failed."""
         batch = [item for _, _, item in pending if item is not None]
         try:

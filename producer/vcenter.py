@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import socket
 import ssl
@@ -19,7 +20,8 @@ from vebaq.errors import ConfigError, VCenterError
 HTTP_TIMEOUT = 60
 
 #: Faults that mean "the session is gone, log in again".
-SESSION_LOST = (vim.fault.NotAuthenticated, vim.fault.InvalidState, vmodl.fault.ManagedObjectNotFound)
+SESSION_LOST = (vim.fault.NotAuthenticated, vim.fault.InvalidState,
+                vmodl.fault.ManagedObjectNotFound)
 
 #: Transport failures: vCenter restarting, network blips.
 CONNECTION_LOST = (OSError, http.client.HTTPException, ssl.SSLError)
@@ -41,10 +43,8 @@ class Session:
         return now if now.tzinfo else now.replace(tzinfo=UTC)
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # best effort: the session may be dead already
             Disconnect(self.si)
-        except Exception:  # noqa: S110 - best effort on a session that may already be dead
-            pass
 
 
 def ssl_context(settings: VCenterSettings) -> ssl.SSLContext:

@@ -152,7 +152,8 @@ def test_vsphere_type_style() -> None:
     ce = to_cloudevent(event, source=SOURCE, instance_uuid=VC_UUID, api_version="8.0",
                        type_style="vsphere")
     assert ce.get_type() == "com.vmware.vsphere.VmPoweredOnEvent.v0"
-    ex = vim.event.EventEx(key=2, createdTime=CREATED, eventTypeId="com.vmware.cl.CreateLibraryEvent")
+    ex = vim.event.EventEx(key=2, createdTime=CREATED,
+                           eventTypeId="com.vmware.cl.CreateLibraryEvent")
     assert to_cloudevent(ex, source=SOURCE, instance_uuid=VC_UUID, api_version="8.0",
                          type_style="vsphere").get_type() == \
         "com.vmware.vsphere.com.vmware.cl.CreateLibraryEvent.v0"
