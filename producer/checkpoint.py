@@ -8,7 +8,7 @@ Per vCenter (keyed by its instance UUID) two keys:
     sorted set of recently published event keys, scored by creation time: on restart the
     producer re-reads from the checkpoint time (minus :data:`OVERLAP`) and skips these keys.
 
-Both are written in one MULTI/EXEC transaction *after* the batch's tasks were enqueued, so the
+Both are written by one Lua script (atomic) *after* the batch's tasks were enqueued, so the
 checkpoint never runs ahead of the queue.
 """
 
@@ -21,11 +21,31 @@ from datetime import UTC, datetime, timedelta
 
 import redis
 
+from producer.lease import Lease
 from workers.state import PREFIX
 
 #: Re-read this much before the checkpoint on restart: vCenter's timestamps are not strictly
 #: ordered by key, and an overlap costs only duplicates that are recognised by key.
 OVERLAP = timedelta(seconds=10)
+
+
+#: Atomically: check the lease (if a holder is given), add the published keys, trim the window,
+#: write the checkpoint. A script, not WATCH: lease renewals would abort a WATCH transaction.
+_COMMIT = """
+if ARGV[1] ~= '' and redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return 0
+end
+for i = 4, #ARGV, 2 do
+  redis.call('ZADD', KEYS[2], ARGV[i], ARGV[i + 1])
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[3])
+redis.call('SET', KEYS[3], ARGV[2])
+return 1
+"""
+
+
+class LeaseLost(Exception):
+    """Another producer holds the lease now; this one must not move the checkpoint."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +75,7 @@ class CheckpointStore:
         self.key = f"{PREFIX}:checkpoint:{instance_uuid}"
         self.published_key = f"{PREFIX}:published:{instance_uuid}"
         self.retention = retention
+        self._commit = r.register_script(_COMMIT)
 
     def load(self) -> Checkpoint | None:
         raw = self.redis.get(self.key)
@@ -81,18 +102,21 @@ class CheckpointStore:
         return [int(k) for k in self.redis.zrangebyscore(self.published_key, since.timestamp(),
                                                          "+inf")]
 
-    def commit(self, events: list[tuple[int, datetime]], floor: datetime) -> Checkpoint:
+    def commit(self, events: list[tuple[int, datetime]], floor: datetime,
+               fence: Lease | None = None) -> Checkpoint:
         """Record ``(key, created)`` pairs as published; the last one becomes the checkpoint.
 
-        :param floor: the reader's floor, kept for the next start."""
+        :param floor: the reader's floor, kept for the next start.
+        :param fence: write only while this lease is ours, else raise :class:`LeaseLost`."""
         key, created = events[-1]
         now = time.time()
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.zadd(self.published_key, {str(k): c.timestamp() for k, c in events})
-        newest = max(c for _, c in events)
-        pipe.zremrangebyscore(self.published_key, "-inf", newest.timestamp() - self.retention)
-        pipe.set(self.key, json.dumps({"key": key, "created": created.astimezone(UTC).isoformat(),
-                                       "floor": floor.astimezone(UTC).isoformat(),
-                                       "updated": now}))
-        pipe.execute()
+        record = json.dumps({"key": key, "created": created.astimezone(UTC).isoformat(),
+                             "floor": floor.astimezone(UTC).isoformat(), "updated": now})
+        trim_below = max(c for _, c in events).timestamp() - self.retention
+        scored = [value for k, c in events for value in (c.timestamp(), str(k))]
+        written = self._commit(
+            keys=[fence.key if fence else self.key, self.published_key, self.key],
+            args=[fence.holder if fence else "", record, trim_below, *scored])
+        if not written:
+            raise LeaseLost(fence.key if fence else self.key)
         return Checkpoint(key, created, floor, now)

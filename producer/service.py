@@ -12,8 +12,9 @@ from celery import Celery
 from kombu.exceptions import KombuError, OperationalError
 from pyVmomi import vim
 
-from producer.checkpoint import OVERLAP, CheckpointStore
+from producer.checkpoint import OVERLAP, CheckpointStore, LeaseLost
 from producer.cloudevent import MalformedEvent, subject_of, to_cloudevent, to_structured
+from producer.lease import Lease
 from producer.metrics import ProducerMetrics
 from producer.publisher import Outgoing, Publisher
 from producer.reader import EventReader, SeenKeys
@@ -59,6 +60,7 @@ class ProducerService:
         self.stop = threading.Event()
         self.redis = state.client(settings.broker_url)
         self.publisher = Publisher(app)
+        self.lease = Lease(self.redis, settings.vcenter.url if simulate is None else "simulated")
         self.session: Session | None = None
         self.reader: EventReader | None = None
         self.store: CheckpointStore | None = None
@@ -75,8 +77,19 @@ class ProducerService:
             raise BrokerError(f"cannot reach Redis at {redact_url(self.settings.broker_url)}: "
                               f"{scrub(str(exc), self.settings.secrets())}") from None
 
+    def wait_for_lease(self) -> bool:
+        """Stand by until this producer holds the lease for its vCenter; False if stopped."""
+        if self.lease.try_acquire():
+            return True
+        logger.info("standing by: producer %s is reading this vCenter", self.lease.current_holder())
+        while not self.stop.wait(self.lease.ttl / 4):
+            self.metrics.heartbeat = time.time()
+            if self.lease.try_acquire():
+                logger.info("took over reading this vCenter")
+                return True
+        return False
+
     def start(self) -> None:
-        self.check_broker()
         vc = self.settings.vcenter
         if self.simulate is not None:
             from producer.simulated import SimulatedSession
@@ -107,14 +120,30 @@ class ProducerService:
     # --- the loop
 
     def run(self) -> None:
-        """Start, then poll until stopped."""
-        if self.reader is None:
-            self.start()
+        """Take the lease, start, poll; stand by again if the lease is lost; until stopped."""
+        self.check_broker()
+        try:
+            while not self.stop.is_set():
+                if not self.wait_for_lease():
+                    break
+                try:
+                    self.start()
+                    self._poll_until_stopped_or_lease_lost()
+                finally:
+                    self.shutdown()
+        finally:
+            self.lease.release()
+
+    def _poll_until_stopped_or_lease_lost(self) -> None:
         vc = self.settings.vcenter
         interval = vc.poll_interval
         pending: list[Pending] = []
         while not self.stop.is_set():
             self.metrics.heartbeat = time.time()
+            if not self.lease.held.is_set():
+                logger.warning("lease lost: %d unpublished event(s) left for the new holder",
+                               len(pending))
+                return
             if not pending:
                 try:
                     events = self.reader.poll()
@@ -132,7 +161,6 @@ class ProducerService:
             else:
                 interval = min(interval * 2, vc.max_poll_interval)
             self.stop.wait(interval)
-        self.shutdown()
 
     def _convert(self, events: list[vim.event.Event]) -> list[Pending]:
         converted = []
@@ -165,7 +193,11 @@ class ProducerService:
             if batch:
                 self.publisher.publish(batch)
             checkpoint = self.store.commit([(key, created) for key, created, _ in pending],
-                                           self.reader.floor)
+                                           self.reader.floor, fence=self.lease)
+        except LeaseLost:
+            logger.error("lease lost while publishing: checkpoint left to the new holder")
+            self.lease.held.clear()
+            return False
         except BROKER_ERRORS as exc:
             self.metrics.publish_errors.inc()
             logger.error("Redis did not take %d event(s), keeping them and retrying: %s",
@@ -208,6 +240,8 @@ class ProducerService:
     def shutdown(self) -> None:
         if self.reader is not None:
             self.reader.close()
+            self.reader = None
         if self.session is not None:
             self.session.close()
+            self.session = None
         logger.info("producer stopped")

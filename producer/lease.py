@@ -1,0 +1,100 @@
+"""One active producer per vCenter: a lease in Redis, renewed by its holder.
+
+Run two producers for the same vCenter (``docker compose up --scale producer=2``) and one reads
+while the other stands by; when the holder dies its lease expires after :data:`LEASE_TTL` and a
+standby takes over from the checkpoint. The checkpoint commit is fenced by the lease (see
+:meth:`producer.checkpoint.CheckpointStore.commit`), so a holder that stalled past its lease
+cannot move the checkpoint after another took over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import threading
+import uuid
+
+import redis
+
+from workers.state import PREFIX
+
+logger = logging.getLogger("vebaq.producer")
+
+#: Seconds a lease lasts without renewal: how long a standby waits after the holder died.
+LEASE_TTL = 10.0
+
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+class Lease:
+    """The right to read one vCenter.
+
+    :param scope: what the lease is for (the vCenter URL).
+    :param ttl: seconds without renewal after which the lease is free.
+    """
+
+    def __init__(self, r: redis.Redis, scope: str, ttl: float = LEASE_TTL) -> None:
+        self.redis = r
+        self.key = f"{PREFIX}:lease:{scope}"
+        self.ttl = ttl
+        self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.held = threading.Event()
+        self._renew = r.register_script(_RENEW)
+        self._release = r.register_script(_RELEASE)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def current_holder(self) -> str | None:
+        value = self.redis.get(self.key)
+        return value.decode() if value else None
+
+    def try_acquire(self) -> bool:
+        if self.redis.set(self.key, self.holder, nx=True, px=int(self.ttl * 1000)):
+            self.held.set()
+            self._start_renewing()
+            return True
+        return False
+
+    def renew(self) -> bool:
+        """Extend the lease; False (and :attr:`held` cleared) if it was lost."""
+        try:
+            ok = bool(self._renew(keys=[self.key], args=[self.holder, int(self.ttl * 1000)]))
+        except redis.RedisError as exc:
+            # Cannot tell: keep going until the lease would have expired anyway.
+            logger.warning("cannot renew the producer lease: %s", exc)
+            return self.held.is_set()
+        if not ok:
+            self.held.clear()
+        return ok
+
+    def _start_renewing(self) -> None:
+        self._stop.clear()
+
+        def renew_loop() -> None:
+            while not self._stop.wait(self.ttl / 3):
+                if not self.renew():
+                    logger.error("lost the producer lease to %s", self.current_holder())
+                    return
+
+        self._thread = threading.Thread(target=renew_loop, name="vebaq-lease", daemon=True)
+        self._thread.start()
+
+    def release(self) -> None:
+        self._stop.set()
+        if self.held.is_set():
+            self.held.clear()
+            with contextlib.suppress(redis.RedisError):  # else it expires by itself
+                self._release(keys=[self.key], args=[self.holder])
