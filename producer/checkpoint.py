@@ -74,6 +74,7 @@ class CheckpointStore:
         self.redis = r
         self.key = f"{PREFIX}:checkpoint:{instance_uuid}"
         self.published_key = f"{PREFIX}:published:{instance_uuid}"
+        self.epoch_key = f"{PREFIX}:key-epoch:{instance_uuid}"
         self.retention = retention
         self._commit = r.register_script(_COMMIT)
 
@@ -97,6 +98,17 @@ class CheckpointStore:
         oldest = vcenter_now - timedelta(seconds=self.retention)
         return (max(checkpoint.created - OVERLAP, oldest), max(checkpoint.floor, oldest),
                 checkpoint)
+
+    def start_new_key_epoch(self) -> int:
+        """The vCenter numbers its events anew: forget the published keys and return the new
+        key epoch (see :func:`producer.cloudevent.event_id`)."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.delete(self.published_key)
+        pipe.incr(self.epoch_key)
+        return int(pipe.execute()[1])
+
+    def key_epoch(self) -> int:
+        return int(self.redis.get(self.epoch_key) or 0)
 
     def published_since(self, since: datetime) -> list[int]:
         return [int(k) for k in self.redis.zrangebyscore(self.published_key, since.timestamp(),

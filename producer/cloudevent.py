@@ -59,9 +59,13 @@ def subject_of(event: vmodl.DynamicData) -> str:
     return class_name(event)
 
 
-def event_id(instance_uuid: str, key: int) -> str:
-    """The same vCenter event always gets the same id, however often it is read."""
-    return str(uuid.uuid5(ID_NAMESPACE, f"{instance_uuid}/{key}"))
+def event_id(instance_uuid: str, key: int, key_epoch: int = 0) -> str:
+    """The same vCenter event always gets the same id, however often it is read.
+
+    :param key_epoch: bumped when a vCenter starts numbering its events anew (restored from a
+        backup), so that a new event with a reused key does not pass for an old one."""
+    scope = instance_uuid if not key_epoch else f"{instance_uuid}#{key_epoch}"
+    return str(uuid.uuid5(ID_NAMESPACE, f"{scope}/{key}"))
 
 
 def format_time(value: datetime) -> str:
@@ -103,7 +107,8 @@ def to_data(value: Any) -> Any:
 
 
 def to_cloudevent(event: vim.event.Event, *, source: str, instance_uuid: str,
-                  api_version: str, type_style: str = "router") -> CloudEvent:
+                  api_version: str, type_style: str = "router",
+                  key_epoch: int = 0) -> CloudEvent:
     """Build the CloudEvent for one vCenter event.
 
     :param source: the vCenter SDK URL (the CloudEvent ``source``).
@@ -111,6 +116,7 @@ def to_cloudevent(event: vim.event.Event, *, source: str, instance_uuid: str,
     :param api_version: ``about.apiVersion``, kept as the ``vsphereapiversion`` extension.
     :param type_style: ``router`` (``com.vmware.event.router/event`` …) or ``vsphere``
         (``com.vmware.vsphere.<subject>.v0``).
+    :param key_epoch: see :func:`event_id`.
     """
     key = getattr(event, "key", None)
     if not isinstance(key, int):
@@ -118,7 +124,7 @@ def to_cloudevent(event: vim.event.Event, *, source: str, instance_uuid: str,
     subject = subject_of(event)
     kind = family(event)
     attributes: dict[str, Any] = {
-        "id": event_id(instance_uuid, key),
+        "id": event_id(instance_uuid, key, key_epoch),
         "source": source,
         "type": (ROUTER_TYPES[kind] if type_style == "router"
                  else f"com.vmware.vsphere.{subject}.v0"),

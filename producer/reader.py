@@ -1,11 +1,14 @@
 """Reading vCenter's event stream incrementally from an ``EventHistoryCollector``.
 
 A real vCenter pages ``ReadNextEvents`` forward in key order, so draining it after each poll
-gives every new event exactly once. govmomi's simulator (the test peer) does not page new events
-forward, but keeps the collector's ``latestPage`` current; with ``latest_page_fallback`` the
-reader also reads ``latestPage`` and merges both. Either way, events are de-duplicated by their
-key, filtered by creation time (the simulator ignores the collector's time filter), and returned
-in key order.
+gives every new event exactly once. govmomi's simulator (the test peer) does not: it returns one
+page of history, and after that shows new events only in the collector's ``latestPage`` — and not
+reliably all of them. With ``latest_page_fallback`` the reader therefore watches ``latestPage``
+when ``ReadNextEvents`` comes back empty, and when it shows an event that paging missed, reads the
+window again through a fresh collector (whose first page holds the simulator's whole history).
+On a real vCenter that costs one ``latestPage`` read per idle poll and almost never a re-read.
+Either way, events are de-duplicated by key, filtered by creation time (the simulator ignores
+the time filter), and returned in key order.
 """
 
 from __future__ import annotations
@@ -23,8 +26,12 @@ logger = logging.getLogger("vebaq.producer")
 #: How many recent event keys are remembered to recognise events read twice.
 SEEN_KEYS = 100_000
 
-#: vCenter's largest page (``SetCollectorPageSize``); used to re-read after a suspected gap.
+#: vCenter's largest page (``SetCollectorPageSize``): used to drain backlogs and fill gaps.
 MAX_PAGE_SIZE = 1000
+
+#: At most this many events are read per poll, so a huge backlog streams through in bounded
+#: memory (the producer polls again at once after publishing a non-empty batch).
+MAX_EVENTS_PER_POLL = 5000
 
 
 class SeenKeys:
@@ -78,17 +85,27 @@ class EventReader:
         self.page_size = page_size
         self.latest_page_fallback = latest_page_fallback
         self.collector: vim.event.EventHistoryCollector | None = None
+        self._draining = True
 
-    def open(self, page_size: int | None = None) -> None:
-        """(Re)create the collector: root folder, all descendants, events since ``begin``."""
-        self.close()
+    def _create_collector(self, page_size: int) -> vim.event.EventHistoryCollector:
         spec = vim.event.EventFilterSpec(
             entity=vim.event.EventFilterSpec.ByEntity(entity=self.content.rootFolder,
                                                       recursion="all"),
             time=vim.event.EventFilterSpec.ByTime(beginTime=self.begin),
         )
-        self.collector = self.content.eventManager.CreateCollectorForEvents(spec)
-        self.collector.SetCollectorPageSize(page_size or self.page_size)
+        collector = self.content.eventManager.CreateCollectorForEvents(spec)
+        collector.SetCollectorPageSize(page_size)
+        return collector
+
+    def open(self) -> None:
+        """(Re)create the collector: root folder, all descendants, events since ``begin``.
+
+        It starts with the largest page, to drain a backlog in few calls (and because the
+        simulator returns at most one page of history); once caught up the page shrinks to
+        ``page_size``, which bounds what each ``latestPage`` read costs."""
+        self.close()
+        self.collector = self._create_collector(MAX_PAGE_SIZE)
+        self._draining = True
 
     def close(self) -> None:
         if self.collector is not None:
@@ -96,50 +113,59 @@ class EventReader:
                 self.collector.DestroyCollector()
             self.collector = None
 
-    def _read_forward(self, page_size: int | None = None) -> list[vim.event.Event]:
-        page_size = page_size or self.page_size
+    @staticmethod
+    def _read_forward(collector: vim.event.EventHistoryCollector, page_size: int,
+                      limit: int | None = None) -> tuple[list[vim.event.Event], bool]:
+        """Pages forward until caught up or ``limit`` events; returns (events, more_waiting)."""
         events: list[vim.event.Event] = []
         while True:
-            page = self.collector.ReadNextEvents(page_size)
+            page = collector.ReadNextEvents(page_size)
             events.extend(page or ())
             if not page or len(page) < page_size:
-                return events
+                return events, False
+            if limit is not None and len(events) >= limit:
+                return events, True
 
     def poll(self) -> list[vim.event.Event]:
         """Every event not returned before, oldest key first."""
         if self.collector is None:
             self.open()
-        events = self._read_forward()
-        if self.latest_page_fallback:
-            latest = list(self.collector.latestPage or ())
-            if self._gap_suspected(latest, events):
-                logger.warning("more new events than one latestPage holds: re-reading the "
-                               "collector's window to fill the gap")
-                self.open(page_size=MAX_PAGE_SIZE)
-                events.extend(self._read_forward(MAX_PAGE_SIZE))
-                events.extend(self.collector.latestPage or ())
+        forward, more = self._read_forward(
+            self.collector, MAX_PAGE_SIZE if self._draining else self.page_size,
+            limit=MAX_EVENTS_PER_POLL)
+        events = list(forward)
+        if not more:
+            caught_up_now = self._draining
+            if self._draining:
+                self._draining = False
                 self.collector.SetCollectorPageSize(self.page_size)
-            events.extend(latest)
+            if self.latest_page_fallback and (caught_up_now or self._forward_missed(forward)):
+                # The simulator neither pages new events forward nor keeps latestPage complete,
+                # but a new collector's first page holds its whole (≤1000) history.
+                events.extend(self._reread_window())
         fresh: dict[int, vim.event.Event] = {}
         for event in events:
-            key = event.key
-            if key in self.seen or key in fresh:
-                continue
-            if event.createdTime is not None and _created(event) < self.floor:
-                continue
-            fresh[key] = event
+            if event.key not in self.seen and event.key not in fresh and self._in_window(event):
+                fresh[event.key] = event
         return [fresh[key] for key in sorted(fresh)]
 
-    def _gap_suspected(self, latest: list[vim.event.Event],
-                       forward: list[vim.event.Event]) -> bool:
-        """A full latestPage holding only unseen keys, none of them just read forward, may
-        have pushed older new events out of view."""
-        if self.seen.highest < 0 or len(latest) < self.page_size:
-            return False
-        keys = {e.key for e in latest}
+    def _forward_missed(self, forward: list[vim.event.Event]) -> bool:
+        """Does latestPage show a new event that ReadNextEvents did not return?"""
         read = {e.key for e in forward}
-        return not any(k in self.seen or k in read for k in keys) and min(keys) > \
-            self.seen.highest + 1
+        return any(e.key not in self.seen and e.key not in read and self._in_window(e)
+                   for e in self.collector.latestPage or ())
+
+    def _in_window(self, event: vim.event.Event) -> bool:
+        return event.createdTime is None or _created(event) >= self.floor
+
+    def _reread_window(self) -> list[vim.event.Event]:
+        collector = self._create_collector(MAX_PAGE_SIZE)
+        try:
+            forward, _ = self._read_forward(collector, MAX_PAGE_SIZE)
+            return [*forward, *(collector.latestPage or ())]
+        finally:
+            with contextlib.suppress(Exception):
+                collector.DestroyCollector()
 
     def confirmed(self, keys: Iterable[int], begin: datetime) -> None:
         """Events with ``keys`` were published; a re-created collector starts at ``begin``."""

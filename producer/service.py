@@ -64,6 +64,8 @@ class ProducerService:
         self.session: Session | None = None
         self.reader: EventReader | None = None
         self.store: CheckpointStore | None = None
+        #: Bumped when vCenter numbers its events anew (see producer.cloudevent.event_id).
+        self.key_epoch = 0
 
     # --- start-up: every failure here is one clear line and a non-zero exit
 
@@ -110,12 +112,29 @@ class ProducerService:
                                       page_size=vc.page_size,
                                       latest_page_fallback=vc.latest_page_fallback)
         self.reader.open()
+        self.key_epoch = self.store.key_epoch()
+        self._check_key_regression(checkpoint.key if checkpoint else None)
         where = (f"checkpoint: event {checkpoint.key} of {checkpoint.created.isoformat()}"
                  if checkpoint else "no checkpoint: new events only")
         logger.info("reading vCenter %s (instance %s) from %s (%s); enqueueing to %s",
                     self.session.url, self.session.instance_uuid, begin.isoformat(), where,
                     redact_url(self.settings.broker_url))
         self.publisher.declare({t.pool for t in self.settings.triggers})
+
+    def _check_key_regression(self, last_key: int | None) -> None:
+        """A vCenter restored from a backup (or a restarted simulator) numbers its events anew:
+        if its newest key is below our last one, forget the published keys, or new events that
+        reuse old keys would be skipped as already published."""
+        collector = getattr(self.reader, "collector", None)
+        if last_key is None or collector is None:
+            return
+        newest = max((e.key for e in collector.latestPage or ()), default=None)
+        if newest is not None and newest < last_key:
+            logger.warning("vCenter's newest event key %d is below the checkpoint's %d "
+                           "(vCenter restored or reset?): reading on by time, forgetting keys",
+                           newest, last_key)
+            self.reader.seen = SeenKeys()
+            self.key_epoch = self.store.start_new_key_epoch()
 
     # --- the loop
 
@@ -168,7 +187,8 @@ class ProducerService:
             try:
                 cloudevent = to_cloudevent(
                     event, source=self.session.url, instance_uuid=self.session.instance_uuid,
-                    api_version=self.session.api_version, type_style=self.settings.cloudevent_type)
+                    api_version=self.session.api_version, type_style=self.settings.cloudevent_type,
+                    key_epoch=self.key_epoch)
                 structured = to_structured(cloudevent)
             except (MalformedEvent, ValueError, TypeError) as exc:
                 self._dead_letter_malformed(event, exc)
@@ -209,7 +229,8 @@ class ProducerService:
         self.reader.confirmed([key for key, _, _ in pending], checkpoint.created - OVERLAP)
         self.metrics.checkpoint_time.set(checkpoint.updated)
         self.metrics.read_lag.set(max(0.0, time.time() - checkpoint.created.timestamp()))
-        logger.info("enqueued %d event(s) → %d task(s); checkpoint at event %d", len(pending),
+        logger.info("enqueued %d event(s) (keys %d–%d) → %d task(s); checkpoint at event %d",
+                    len(pending), pending[0][0], pending[-1][0],
                     sum(len(item.pools) for item in batch), checkpoint.key)
         return True
 
@@ -235,6 +256,8 @@ class ProducerService:
         self.reader.content = self.session.content
         self.reader.collector = None  # the old one died with its session
         self.reader.open()
+        checkpoint = self.store.load()
+        self._check_key_regression(checkpoint.key if checkpoint else None)
         logger.info("vCenter session restored; reading on from %s", self.reader.begin.isoformat())
 
     def shutdown(self) -> None:

@@ -171,3 +171,8 @@ def test_object_without_key_is_refused_with_a_reason() -> None:
 def test_malformed_structured_events_raise_value_error(payload: str | bytes) -> None:
     with pytest.raises(ValueError):
         from_structured(payload)
+
+
+def test_a_new_key_epoch_gives_new_ids() -> None:
+    assert event_id(VC_UUID, 7, key_epoch=0) == event_id(VC_UUID, 7)
+    assert event_id(VC_UUID, 7, key_epoch=1) != event_id(VC_UUID, 7)

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 from pyVmomi import vim
 
-from producer.reader import EventReader, SeenKeys
+from producer.reader import MAX_EVENTS_PER_POLL, EventReader, SeenKeys
 from tests.support import VCenter
 
 
@@ -97,10 +97,26 @@ def test_forward_paging_of_a_real_vcenter_reads_every_event_once() -> None:
             log.append(vim.event.GeneralUserEvent(key=key, chainId=key, message=str(key),
                                                   createdTime=start + timedelta(seconds=key)))
 
-    add(130)  # a backlog of several pages
+    add(2500)  # a backlog: drained with vCenter's largest page
     first = reader.poll()
-    assert [e.key for e in first] == list(range(1, 131))
-    assert collector.calls == 6  # 5 full pages and one partial: no idle latestPage reads
+    assert [e.key for e in first] == list(range(1, 2501))
+    assert collector.calls == 3  # 1000 + 1000 + 500: no latestPage reads with this setting
+    assert collector.page_size == 25  # caught up: back to the configured page size
     reader.confirmed([e.key for e in first], begin=first[-1].createdTime)
     add(3)
-    assert [e.key for e in reader.poll()] == [131, 132, 133]
+    assert [e.key for e in reader.poll()] == [2501, 2502, 2503]
+
+
+def test_a_huge_backlog_streams_in_bounded_polls() -> None:
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    log = [vim.event.GeneralUserEvent(key=k, chainId=k, createdTime=start + timedelta(seconds=k))
+           for k in range(1, 12_001)]
+    collector = ForwardCollector(log)
+    content = SimpleNamespace(eventManager=SimpleNamespace(
+        CreateCollectorForEvents=lambda spec: collector), rootFolder=vim.Folder("group-d1"))
+    reader = EventReader(content, begin=start, seen=SeenKeys(), latest_page_fallback=False)
+    sizes = []
+    while batch := reader.poll():
+        sizes.append(len(batch))
+        reader.confirmed([e.key for e in batch], begin=batch[-1].createdTime)
+    assert sizes == [MAX_EVENTS_PER_POLL, MAX_EVENTS_PER_POLL, 2000]
