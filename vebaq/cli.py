@@ -6,15 +6,22 @@ error's exit status; no traceback, no secret.
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import sys
+from functools import cached_property
+from typing import TYPE_CHECKING
 
 import click
 
 from vebaq import config
-from vebaq.errors import VebaqError
-from vebaq.secrets import scrub
+from vebaq.errors import BrokerError, VebaqError
+from vebaq.secrets import redact_url, scrub
+
+if TYPE_CHECKING:
+    import redis
+    from celery import Celery
 
 logger = logging.getLogger("vebaq")
 
@@ -116,6 +123,251 @@ def dev(pools: tuple[str, ...], simulate: bool | None, rate: float, flower_port:
 
     load_settings(None)  # refuse a bad config before starting anything
     sys.exit(dev_mode.run(pools, simulate, rate, flower_port, metrics_port))
+
+
+# --- dead letters
+
+
+class CommandError(click.ClickException):
+    """A :class:`VebaqError` raised inside a ``dlq`` command, shown like :func:`main` shows one
+    (``vebaq: error: …``, one line, the error's exit status), also when click runs the command
+    itself (``standalone_mode``, ``CliRunner``)."""
+
+    def __init__(self, error: VebaqError) -> None:
+        super().__init__(scrub(str(error), ()))
+        self.exit_code = error.exit_code
+
+    def show(self, file: object = None) -> None:
+        click.echo(f"vebaq: error: {self.format_message()}", err=True)
+
+
+class DeadLetterGroup(click.Group):
+    """Turns vebaq's and the broker's errors in its commands into one line (see
+    :class:`CommandError`)."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        import redis
+        from kombu.exceptions import OperationalError
+
+        try:
+            return super().invoke(ctx)
+        except VebaqError as exc:
+            raise CommandError(exc) from None
+        except (redis.RedisError, OperationalError) as exc:
+            broker = ctx.obj.broker() if isinstance(ctx.obj, DeadLetterStore) else "?"
+            raise CommandError(BrokerError(f"broker {broker}: {type(exc).__name__}: {exc}")) \
+                from None
+
+
+class DeadLetterStore:
+    """What the ``dlq`` commands work on, made on first use: the settings, the broker's Redis,
+    and a Celery app for replays."""
+
+    def __init__(self, config_path: str | None) -> None:
+        self.config_path = config_path
+
+    @cached_property
+    def settings(self) -> config.Settings:
+        return load_settings(self.config_path)
+
+    @cached_property
+    def redis(self) -> redis.Redis:
+        import redis
+
+        return redis.Redis.from_url(self.settings.broker_url, socket_connect_timeout=5,
+                                    socket_timeout=30)
+
+    @cached_property
+    def app(self) -> Celery:
+        from workers.app import create_app
+
+        return create_app(self.settings.broker_url)
+
+    @property
+    def pools(self) -> set[str]:
+        """The pools the configured function modules register."""
+        from workers.pools import load_functions
+
+        return load_functions(self.settings.functions)
+
+    def broker(self) -> str:
+        """The broker URL without its password, for error messages."""
+        settings = self.__dict__.get("settings")
+        return redact_url(settings.broker_url) if settings else "(not configured yet)"
+
+    def close(self) -> None:
+        for made in ("app", "redis"):
+            if made in self.__dict__:
+                self.__dict__[made].close()
+
+
+def _age(seconds: float) -> str:
+    """``42s``, ``5m``, ``3h``, ``2d``."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{max(0, int(seconds))}s"
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(str(v)) for v in column) for column in zip(header, *rows, strict=True)]
+    return "\n".join("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip()
+                     for row in (header, *rows))
+
+
+def _cell(value: object) -> str:
+    return "-" if value is None or value == "" else str(value)
+
+
+def _one_line(text: str, width: int) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+#: Characters of the error shown by ``dlq list``.
+LIST_ERROR_WIDTH = 60
+#: ``dlq replay --all`` prints a progress line every this many replays.
+REPLAY_PROGRESS_EVERY = 100
+
+
+@cli.group(cls=DeadLetterGroup)
+@click.option("--config", "config_path", envvar="VEBAQ_CONFIG", type=click.Path(),
+              help="YAML configuration file (default: $VEBAQ_CONFIG); gives the broker URL.")
+@click.pass_context
+def dlq(ctx: click.Context, config_path: str | None) -> None:
+    """Dead letters: list, show, replay, purge, stats.
+
+    A dead letter is an event whose function failed for good (last retry, or a permanent
+    error), or a message no worker could use."""
+    ctx.obj = DeadLetterStore(config_path)
+    ctx.call_on_close(ctx.obj.close)
+
+
+@dlq.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Full records as a JSON array.")
+@click.option("--subject", help="Only dead letters of this event subject (task name).")
+@click.option("--pool", help="Only dead letters of this pool.")
+@click.pass_obj
+def dlq_list(store: DeadLetterStore, as_json: bool, subject: str | None,
+             pool: str | None) -> None:
+    """List the dead letters, oldest first."""
+    import time
+
+    from workers import deadletters
+
+    letters = deadletters.list_letters(store.redis, subject=subject, pool=pool)
+    if as_json:
+        click.echo(json.dumps(letters, indent=2, ensure_ascii=False))
+        return
+    if not letters:
+        click.echo("no dead letters")
+        return
+    now = time.time()
+    rows = [(rec["id"], _cell(rec.get("task")), _cell(rec.get("pool")), _cell(rec.get("attempts")),
+             _one_line(f"{rec.get('exception')}: {rec.get('error')}", LIST_ERROR_WIDTH),
+             _age(now - float(rec.get("last_failed_at") or rec.get("failed_at") or now)))
+            for rec in letters]
+    click.echo(_table(("ID", "SUBJECT", "POOL", "ATTEMPTS", "LAST ERROR", "AGE"), rows))
+
+
+@dlq.command("show")
+@click.argument("letter_id", metavar="ID")
+@click.pass_obj
+def dlq_show(store: DeadLetterStore, letter_id: str) -> None:
+    """Print one dead letter as JSON (CloudEvent, error, traceback)."""
+    from workers import deadletters
+
+    click.echo(json.dumps(deadletters.get(store.redis, letter_id), indent=2,
+                          ensure_ascii=False))
+
+
+@dlq.command("replay")
+@click.argument("letter_id", metavar="[ID]", required=False)
+@click.option("--all", "replay_all", is_flag=True, help="Every dead letter (see the filters).")
+@click.option("--subject", help="With --all: only this event subject.")
+@click.option("--pool", help="With --all: only this pool.")
+@click.pass_obj
+def dlq_replay(store: DeadLetterStore, letter_id: str | None, replay_all: bool,
+               subject: str | None, pool: str | None) -> None:
+    """Send dead letters to their pool again.
+
+    Each goes as a first attempt of the function that failed, and its record is deleted once
+    the broker has the message."""
+    from workers import deadletters
+
+    if bool(letter_id) == replay_all:
+        raise click.UsageError("give one dead letter ID, or --all")
+    if not replay_all and (subject or pool):
+        raise click.UsageError("--subject and --pool go with --all")
+    r, pools = store.redis, store.pools
+
+    def replay(record: dict) -> None:
+        if record.get("pool") not in pools:
+            raise deadletters.NotReplayable(
+                f"dead letter {record['id']}: pool {record.get('pool')!r} is not a pool of this "
+                f"configuration (known: {', '.join(sorted(pools))})")
+        deadletters.replay(store.app, r, record["id"])
+
+    if letter_id:
+        replay(deadletters.get(r, letter_id))
+        click.echo(f"replayed 1 dead letter ({letter_id})")
+        return
+    letters = deadletters.list_letters(r, subject=subject, pool=pool)
+    replayed, skipped = 0, []
+    for record in letters:
+        try:
+            replay(record)
+        except deadletters.NoSuchDeadLetter:
+            continue  # replayed or purged meanwhile
+        except deadletters.NotReplayable as exc:
+            skipped.append(str(exc))
+            continue
+        replayed += 1
+        if replayed % REPLAY_PROGRESS_EVERY == 0:
+            click.echo(f"replayed {replayed} of {len(letters)}…", err=True)
+    for reason in skipped:
+        click.echo(f"skipped: {reason}", err=True)
+    click.echo(f"replayed {replayed} dead letter(s)"
+               + (f", skipped {len(skipped)}" if skipped else ""))
+
+
+@dlq.command("purge")
+@click.argument("letter_ids", metavar="[ID]...", nargs=-1)
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_obj
+def dlq_purge(store: DeadLetterStore, letter_ids: tuple[str, ...], yes: bool) -> None:
+    """Delete the given dead letters, or all of them, for good."""
+    from workers import deadletters
+
+    count = len(letter_ids) if letter_ids else deadletters.depth(store.redis)
+    if count == 0:
+        click.echo("no dead letters")
+        return
+    if not yes:
+        click.confirm(f"Delete {count} dead letter(s) for good?", abort=True)
+    purged = deadletters.purge(store.redis, list(letter_ids) or None)
+    click.echo(f"purged {purged} dead letter(s)")
+
+
+@dlq.command("stats")
+@click.option("--json", "as_json", is_flag=True, help="As a JSON object.")
+@click.pass_obj
+def dlq_stats(store: DeadLetterStore, as_json: bool) -> None:
+    """Dead letters per subject and pool, and retries waiting."""
+    from workers import deadletters, scheduler
+
+    counts = sorted(deadletters.counts(store.redis).items(), key=lambda kv: (-kv[1], str(kv[0])))
+    depth, pending = deadletters.depth(store.redis), scheduler.pending(store.redis)
+    if as_json:
+        click.echo(json.dumps({
+            "depth": depth, "retries_pending": pending,
+            "counts": [{"subject": s, "pool": p, "count": n} for (s, p), n in counts]}, indent=2))
+        return
+    if counts:
+        click.echo(_table(("SUBJECT", "POOL", "COUNT"),
+                          [(_cell(s), _cell(p), str(n)) for (s, p), n in counts]))
+    click.echo(f"dead letters: {depth}")
+    click.echo(f"retries pending: {pending}")
 
 
 def main() -> None:

@@ -31,6 +31,8 @@ from producer.cloudevent import event_classes
 from vebaq.config import DEFAULT_BROKER_URL
 from vebaq.errors import VebaqError
 from vebaq.logs import install_scrubber
+from workers import hooks
+from workers.deadletters import DeadLettered
 
 
 class EventTask(Task):
@@ -43,6 +45,8 @@ class EventTask(Task):
     #: Arguments are checked in :func:`workers.execution.handle`, so a bad message becomes a
     #: dead letter instead of a TypeError before the body runs.
     typing = False
+    #: Dead-lettering ends the task as FAILURE (Flower shows the reason); no traceback logged.
+    throws = (DeadLettered,)
 
 
 class SubjectRegistry(TaskRegistry):
@@ -77,6 +81,11 @@ class SubjectConsumer(Consumer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.strategies = _OnDemandStrategies(self)
+
+    def on_decode_error(self, message: Any, exc: Exception) -> None:
+        """An undecodable body is dead-lettered (then logged and acked), not silently dropped."""
+        hooks.dead_letter_message(self.app, message, exc)
+        super().on_decode_error(message, exc)
 
 
 class VebaqWorker(Worker):

@@ -5,10 +5,16 @@ function of the pool that handles the event's subject:
 
 1. skip it if its done marker says it already ran for this event id (redelivery, overlap);
 2. run it; on success set the done marker;
-3. on failure hand over to :mod:`workers.retries`, which retries with back-off or dead-letters.
+3. on failure hand over to :mod:`workers.retries`, which schedules a durable retry of the
+   functions that failed, or dead-letters them, and then raises what ends the task (RETRY or
+   FAILURE in Flower).
 
-Bad messages (not a CloudEvent, unknown pool) are dead-lettered at once: retrying them would only
-fail again, and dropping them would lose them.
+Bad messages (not a CloudEvent, no or unknown pool) are dead-lettered at once: retrying them
+would only fail again, and dropping them would lose them.
+
+A retry message carries ``attempt``, ``functions`` (run only these) and ``first_failed_at`` next
+to ``event`` and ``pool``. When Redis cannot take vebaq's own bookkeeping (done markers, a retry,
+a dead letter), the message is rejected back to its queue instead of being acked and lost.
 """
 
 from __future__ import annotations
@@ -16,11 +22,14 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import redis
+from celery.exceptions import Reject
 from cloudevents.core.v1.event import CloudEvent
 
 from producer.cloudevent import from_structured
 from workers import retries, state
-from workers.errors import PoisonMessage
+from workers.deadletters import DeadLettered, describe
+from workers.errors import PermanentError, PoisonMessage
 from workers.pools import POOLS, functions_for
 
 logger = logging.getLogger("vebaq.worker")
@@ -41,31 +50,59 @@ def parse_message(event: Any, pool: Any) -> tuple[CloudEvent, str]:
     return cloudevent, pool
 
 
+def _retry_arguments(extra: dict[str, Any]) -> tuple[int, list[str] | None]:
+    """``attempt`` and ``functions`` of a retry message (1 and every function otherwise)."""
+    attempt, only = extra.get("attempt") or 1, extra.get("functions")
+    if not isinstance(attempt, int) or isinstance(attempt, bool) or attempt < 1:
+        raise PoisonMessage(f"attempt must be a whole number ≥ 1, got {attempt!r}")
+    if only is not None and not (isinstance(only, list) and all(isinstance(f, str) for f in only)):
+        raise PoisonMessage(f"functions must be a list of function names, got {only!r}")
+    return attempt, only
+
+
 def handle(task: Any, event: Any, pool: Any, extra: dict[str, Any]) -> dict[str, Any]:
-    """Run the functions; returns a small summary (shown as the task result in Flower)."""
+    """Run the functions; returns a small summary (shown as the task result in Flower), or
+    raises :class:`~workers.deadletters.DeadLettered` or :class:`celery.exceptions.Retry`."""
+    try:
+        return _handle(task, event, pool, extra)
+    except redis.RedisError as exc:
+        raise Reject(f"Redis failed ({type(exc).__name__}: {exc}); message requeued",
+                     requeue=True) from exc
+
+
+def _handle(task: Any, event: Any, pool: Any, extra: dict[str, Any]) -> dict[str, Any]:
     redis_client = state.client(task.app.conf.broker_url)
     try:
         cloudevent, pool = parse_message(event, pool)
+        attempt, only = _retry_arguments(extra)
     except PoisonMessage as exc:
-        retries.dead_letter(task, redis_client, event, pool, function=None, error=exc, attempt=1)
-        return {"dead_lettered": str(exc)}
-    attempt = int(extra.get("attempt") or 1)
-    only = extra.get("functions")  # a retry re-runs only the functions that failed
-    ran, skipped = [], []
-    for fn in functions_for(pool, cloudevent.get_subject()):
-        if only is not None and fn.name not in only:
-            continue
+        letter = retries.dead_letter(task, redis_client, event, pool, function=None, error=exc,
+                                     attempt=1)
+        raise DeadLettered(f"dead letter {letter}: {describe(exc)}", [letter]) from None
+    ran, skipped, failures = [], [], []
+    functions = functions_for(pool, cloudevent.get_subject())
+    if only is not None:  # a retry or replay runs only what failed, if it still exists
+        known = {fn.name for fn in functions}
+        failures = [retries.Failure(name, PermanentError(
+            f"no function {name!r} handles {cloudevent.get_subject()} in pool {pool!r} any more"))
+            for name in only if name not in known]
+        functions = [fn for fn in functions if fn.name in only]
+    for fn in functions:
         if state.is_done(redis_client, pool, fn.name, cloudevent.get_id()):
             skipped.append(fn.name)
             continue
         try:
             fn.handler(cloudevent)
         except Exception as exc:  # every failure is retried or dead-lettered, never lost
-            retries.handle_failure(task, redis_client, event, pool, fn.name, exc, attempt)
+            failures.append(retries.Failure(fn.name, exc))
             continue
         state.mark_done(redis_client, pool, fn.name, cloudevent.get_id())
         ran.append(fn.name)
     if skipped:
         logger.info("%s %s: already handled by %s (duplicate delivery suppressed)",
                     cloudevent.get_subject(), cloudevent.get_id(), ", ".join(skipped))
+    if failures:
+        retries.handle_failures(task, redis_client, event, pool, failures, attempt=attempt,
+                                first_failed_at=extra.get("first_failed_at"),
+                                event_id=cloudevent.get_id())
     return {"ran": ran, "duplicates_suppressed": skipped}

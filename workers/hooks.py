@@ -1,0 +1,126 @@
+"""Worker signal receivers: the retry scheduler, and dead letters for what Celery would drop.
+
+Imported by :mod:`workers.app`, so that ``vebaq worker`` and ``celery -A workers worker`` alike:
+
+* start a :class:`~workers.scheduler.Scheduler` thread in the worker main process once the
+  worker is ready (``worker_ready`` fires there only, whatever the execution pool), and stop it
+  on shutdown;
+* dead-letter the messages Celery logs and discards: a task that failed outside
+  :func:`workers.execution.handle` (wrong arguments, a hard time limit), a message with a
+  refused content type or without task headers (``task_rejected``), a reserved task name
+  (``task_unknown``), and, through :func:`dead_letter_message` called from the consumer's
+  ``on_decode_error``, a body that cannot be decoded.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from typing import Any
+
+from celery import signals
+
+from workers import deadletters, state
+from workers.deadletters import DeadLettered
+from workers.errors import PoisonMessage
+from workers.scheduler import Scheduler
+
+logger = logging.getLogger("vebaq.hooks")
+
+#: Longest message body kept in a dead letter, in bytes (a body is rarely over a few KiB).
+MAX_BODY = 64 * 1024
+
+#: The running scheduler thread of this process, if any.
+_scheduler: Scheduler | None = None
+
+
+@signals.worker_ready.connect(dispatch_uid="vebaq.start_retry_scheduler")
+def start_retry_scheduler(sender: Any = None, **_: Any) -> None:
+    """Start this worker's scheduler thread (``sender`` is the worker's consumer)."""
+    global _scheduler
+    if _scheduler is None or not _scheduler.is_alive():
+        _scheduler = Scheduler(sender.app)
+        _scheduler.start()
+        logger.info("retry scheduler: started (sends due retries every %.1fs)",
+                    _scheduler.interval)
+
+
+@signals.worker_shutdown.connect(dispatch_uid="vebaq.stop_retry_scheduler")
+def stop_retry_scheduler(**_: Any) -> None:
+    global _scheduler
+    if _scheduler is not None:
+        _scheduler.stop()
+        _scheduler = None
+
+
+@signals.task_failure.connect(dispatch_uid="vebaq.dead_letter_failed_task")
+def dead_letter_failed_task(sender: Any = None, task_id: str | None = None,
+                            exception: BaseException | None = None, args: Any = None,
+                            kwargs: Any = None, **_: Any) -> None:
+    """Dead-letter a task that failed other than by :class:`DeadLettered` (already recorded)."""
+    if sender is None or exception is None or isinstance(exception, DeadLettered):
+        return
+    if not isinstance(kwargs, dict):
+        kwargs = {}
+    attempt = kwargs.get("attempt")
+    delivery = getattr(getattr(sender, "request", None), "delivery_info", None) or {}
+    letter = deadletters.add(
+        state.client(sender.app.conf.broker_url), task_name=sender.name,
+        pool=kwargs.get("pool") or delivery.get("routing_key"), function=None,
+        event=kwargs.get("event"), error=exception,
+        attempt=attempt if isinstance(attempt, int) and attempt > 0 else 1, task_id=task_id,
+        message={"args": args, "kwargs": kwargs})
+    logger.error("%s[%s] failed outside vebaq's failure handling → dead letter %s: %s",
+                 sender.name, task_id, letter, deadletters.describe(exception))
+
+
+def _body(body: Any) -> str:
+    """The body as text, or ``base64:…`` when it is not UTF-8; at most :data:`MAX_BODY`."""
+    if isinstance(body, str):
+        body = body.encode("utf-8", "replace")
+    if not isinstance(body, bytes | bytearray):
+        return repr(body)[:MAX_BODY]
+    body = bytes(body[:MAX_BODY])
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError:
+        return "base64:" + base64.b64encode(body).decode("ascii")
+
+
+def dead_letter_message(app: Any, message: Any, error: BaseException | None) -> str | None:
+    """Dead-letter a transport message that never became a task call; returns the id, or
+    ``None`` when even that failed (logged: the message is acked by Celery all the same).
+
+    :param message: the :class:`kombu.Message`.
+    :param error: why Celery refused it (``None``: it had no task headers at all).
+    """
+    headers = dict(getattr(message, "headers", None) or {})
+    delivery = dict(getattr(message, "delivery_info", None) or {})
+    error = error or PoisonMessage("not a Celery task message (no task headers)")
+    try:
+        letter = deadletters.add(
+            state.client(app.conf.broker_url), task_name=str(headers.get("task") or ""),
+            pool=delivery.get("routing_key"), function=None, event=None, error=error,
+            attempt=1, task_id=headers.get("id"),
+            message={"headers": headers, "content_type": getattr(message, "content_type", None),
+                     "content_encoding": getattr(message, "content_encoding", None),
+                     "body": _body(getattr(message, "body", b""))})
+    except Exception as exc:  # Redis down: Celery's own log line is all that is left
+        logger.error("cannot dead-letter an unusable message: %s", deadletters.describe(exc))
+        return None
+    logger.error("unusable message → dead letter %s: %s", letter, deadletters.describe(error))
+    return letter
+
+
+@signals.task_rejected.connect(dispatch_uid="vebaq.dead_letter_rejected")
+def _dead_letter_rejected(sender: Any = None, message: Any = None, exc: Any = None,
+                          **_: Any) -> None:
+    if sender is not None and message is not None:
+        dead_letter_message(sender.app, message, exc)
+
+
+@signals.task_unknown.connect(dispatch_uid="vebaq.dead_letter_unknown")
+def _dead_letter_unknown(sender: Any = None, message: Any = None, exc: Any = None,
+                         **_: Any) -> None:
+    if sender is not None and message is not None:
+        dead_letter_message(sender.app, message, exc)
