@@ -5,13 +5,47 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import redis
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from workers import deadletters, scheduler
 
 #: ``/healthz`` fails when the main loop has not come round for this many seconds.
 STALL_SECONDS = 120
+
+
+class QueueStateCollector:
+    """Read at scrape time from Redis: dead letters per subject and pool, pending retries, and
+    each pool queue's depth (Flower's /metrics has no queue length)."""
+
+    def __init__(self, redis_client: redis.Redis, pools: set[str]) -> None:
+        self.redis = redis_client
+        self.pools = pools
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            letters = deadletters.counts(self.redis)
+            retries = scheduler.pending(self.redis)
+            depths = {pool: self.redis.llen(pool) for pool in sorted(self.pools)}
+        except redis.RedisError:
+            return  # a scrape while Redis is away shows the producer's own metrics only
+        dead = GaugeMetricFamily("vebaq_dead_letters", "Dead letters waiting for replay",
+                                 labels=["subject", "pool"])
+        for (subject, pool), count in sorted(letters.items(), key=str):
+            dead.add_metric([str(subject), str(pool)], count)
+        yield dead
+        yield GaugeMetricFamily("vebaq_retries_pending", "Retries waiting for their back-off",
+                                value=retries)
+        queued = GaugeMetricFamily("vebaq_queue_depth", "Tasks waiting in a pool's queue",
+                                   labels=["pool"])
+        for pool, depth in depths.items():
+            queued.add_metric([pool], depth)
+        yield queued
 
 
 class ProducerMetrics:
@@ -36,6 +70,10 @@ class ProducerMetrics:
         self.started = time.time()
         self.heartbeat = time.time()
         self.connected = False
+
+    def watch_queues(self, redis_client: redis.Redis, pools: set[str]) -> None:
+        """Also export dead-letter, retry and queue depths from this Redis."""
+        self.registry.register(QueueStateCollector(redis_client, pools))
 
     def stats(self) -> dict:
         """The VEBA router's ``/stats`` shape: per provider/processor counts."""

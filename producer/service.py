@@ -60,6 +60,7 @@ class ProducerService:
         self.stop = threading.Event()
         self.redis = state.client(settings.broker_url)
         self.publisher = Publisher(app)
+        self.metrics.watch_queues(self.redis, {t.pool for t in settings.triggers})
         self.lease = Lease(self.redis, settings.vcenter.url if simulate is None else "simulated")
         self.session: Session | None = None
         self.reader: EventReader | None = None

@@ -1,0 +1,53 @@
+"""The producer's /metrics, /stats and /healthz, served by a real producer process."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from pathlib import Path
+
+import pytest
+import redis
+from pyVmomi import vim
+
+from tests.support import Proc, VCenter, vebaq_argv, wait_until
+from vebaq.embedded import free_port
+from workers import deadletters
+
+pytestmark = pytest.mark.slow
+
+
+def fetch(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_metrics_stats_and_health(stack_env: dict[str, str], log_dir: Path, vcenter: VCenter,
+                                  redis_client: redis.Redis) -> None:
+    port = free_port()
+    producer = Proc("producer", vebaq_argv("producer", "--metrics-port", str(port)), stack_env,
+                    log_dir)
+    producer.wait_for("reading vCenter")
+    base = f"http://127.0.0.1:{port}"
+    deadletters.add(redis_client, task_name="VmPoweredOnEvent", pool="echo", function="echo",
+                    event={"id": "x"}, error=RuntimeError("boom"), attempt=3)
+    vcenter.post(vim.event.GeneralUserEvent(message="counted"))
+    producer.wait_for("checkpoint at event")
+
+    status, text = fetch(f"{base}/healthz")
+    assert (status, text) == (200, "ok")
+    status, text = fetch(f"{base}/metrics")
+    assert status == 200
+    for needle in ('vebaq_producer_tasks_published_total{pool="echo"}',
+                   "vebaq_producer_events_read_total", "vebaq_producer_read_lag_seconds",
+                   'vebaq_dead_letters{pool="echo",subject="VmPoweredOnEvent"} 1.0',
+                   'vebaq_queue_depth{pool="echo"}', "vebaq_retries_pending 0.0"):
+        assert needle in text, needle
+    stats = json.loads(fetch(f"{base}/stats")[1])
+    assert stats["celery"]["published_per_pool"]["echo"] >= 1
+    assert stats["vcenter"]["events_read"] >= 1
+    assert fetch(f"{base}/nope")[0] == 404
+    wait_until(lambda: producer.stop() == 0, 30, "a clean stop")
