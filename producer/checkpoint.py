@@ -89,15 +89,15 @@ class CheckpointStore:
                           float(data["updated"]))
 
     def resume_from(self, vcenter_now: datetime) -> tuple[datetime, datetime, Checkpoint | None]:
-        """``(begin, floor, checkpoint)``: read from the checkpoint minus the overlap, and
-        ignore events created before the floor (the first start); neither earlier than
-        ``retention`` before vCenter's clock. Without a checkpoint both are vCenter's now."""
+        """``(begin, floor, checkpoint)``: read from the checkpoint minus the overlap (``begin``),
+        and return no event created before that nor before the first start (``floor``; a
+        simulator ignores the collector's time filter); neither earlier than ``retention``
+        before vCenter's clock. Without a checkpoint both are vCenter's now."""
         checkpoint = self.load()
         if checkpoint is None:
             return vcenter_now, vcenter_now, None
-        oldest = vcenter_now - timedelta(seconds=self.retention)
-        return (max(checkpoint.created - OVERLAP, oldest), max(checkpoint.floor, oldest),
-                checkpoint)
+        begin = max(checkpoint.created - OVERLAP, vcenter_now - timedelta(seconds=self.retention))
+        return begin, max(checkpoint.floor, begin), checkpoint
 
     def start_new_key_epoch(self) -> int:
         """The vCenter numbers its events anew: forget the published keys and return the new

@@ -120,6 +120,16 @@ def stack_env(redis_url: str, vcsim: str, tmp_path: Path) -> dict[str, str]:
 
 
 @pytest.fixture(autouse=True)
+def _reap_processes() -> Iterator[None]:
+    """A failing test leaves no worker or producer behind to disturb the next one."""
+    from tests.support import RUNNING
+
+    yield
+    while RUNNING:
+        RUNNING.pop().kill()
+
+
+@pytest.fixture(autouse=True)
 def _fresh_worker_settings() -> Iterator[None]:
     """Worker settings are cached per process; tests that change the env get fresh ones."""
     from workers.runtime import settings

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -37,6 +38,10 @@ def wait_until(condition: Callable[[], object], timeout: float, what: str,
         time.sleep(interval)
 
 
+#: Every process a test started; the ``_reap_processes`` fixture kills what is left of them.
+RUNNING: list[Proc] = []
+
+
 class Proc:
     """A child process whose stdout+stderr go to a log file the test can search."""
 
@@ -47,6 +52,7 @@ class Proc:
         self.popen = subprocess.Popen(argv, env=env, stdout=self._log, stderr=subprocess.STDOUT,
                                       stdin=subprocess.DEVNULL, cwd=ROOT,
                                       start_new_session=True)
+        RUNNING.append(self)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -68,6 +74,13 @@ class Proc:
     def signal(self, signum: int) -> None:
         if self.popen.poll() is None:
             os.killpg(self.popen.pid, signum)
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group (a worker's pool children too)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        self.popen.wait(10)
+        self._log.close()
 
     def stop(self, timeout: float = 20) -> int:
         """SIGTERM (warm shutdown), then SIGKILL after ``timeout``."""

@@ -129,11 +129,19 @@ def queue_for(pool: str) -> Queue:
     return Queue(pool, Exchange(pool, type="direct"), routing_key=pool)
 
 
+#: Seconds before a dead worker's unacked tasks are redelivered (``VEBAQ_VISIBILITY_TIMEOUT``).
+DEFAULT_VISIBILITY_TIMEOUT = 300.0
+#: Seconds between two sweeps for such tasks.
+RESTORE_INTERVAL = 10
+
+
 def create_app(broker_url: str | None = None) -> VebaqCelery:
     """The vebaq Celery app.
 
     :param broker_url: Redis URL; defaults to ``$VEBAQ_BROKER_URL``, then a local Redis.
     """
+    visibility_timeout = float(os.environ.get("VEBAQ_VISIBILITY_TIMEOUT") or
+                               DEFAULT_VISIBILITY_TIMEOUT)
     app = VebaqCelery("vebaq", set_as_current=True)
     app.conf.update(
         broker_url=broker_url or os.environ.get("VEBAQ_BROKER_URL") or DEFAULT_BROKER_URL,
@@ -141,9 +149,15 @@ def create_app(broker_url: str | None = None) -> VebaqCelery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        # Unacked messages of a dead worker come back after this long; retries never wait in
-        # worker memory (see workers.retries), so this only bounds crash recovery.
-        broker_transport_options={"visibility_timeout": 300},
+        broker_transport_options={
+            # A killed worker's unacked tasks go back to their queue this long after delivery.
+            # Retries never wait in worker memory (workers.scheduler), so this only has to
+            # exceed the longest task run; lower means faster crash recovery.
+            "visibility_timeout": visibility_timeout,
+            # Every live worker sweeps for such tasks this often (kombu ≥ 5.7).
+            "unacked_restore_interval": RESTORE_INTERVAL,
+            "unacked_restore_throttle": 1,
+        },
         broker_connection_retry_on_startup=True,
         # Never pickle: messages are JSON, so a forged message cannot run code.
         task_serializer="json",

@@ -1,0 +1,158 @@
+"""Worker-side faults on real processes: kill -9 of workers mid-run, a Redis restart while
+events flow, vROps down then back. Each test prints sent / handled / duplicates suppressed /
+lost (must be 0)."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import signal
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from cloudevents.core.v1.event import CloudEvent
+from pyVmomi import vim
+
+from producer.cloudevent import to_structured
+from producer.publisher import Outgoing, Publisher
+from tests import counting_functions as counting
+from tests.support import VCenter, start_producer, start_worker, wait_until
+from vebaq.embedded import free_port
+from workers.app import create_app
+
+pytestmark = pytest.mark.slow
+
+
+def outgoing(pool: str = "count") -> Outgoing:
+    event = to_structured(CloudEvent({
+        "id": str(uuid.uuid4()), "source": "https://vcenter.test/sdk",
+        "type": "com.vmware.event.router/event", "subject": "GeneralUserEvent",
+        "datacontenttype": "application/json"}, {"Message": "fault test"}))
+    return Outgoing("GeneralUserEvent", event["id"], event, (pool,))
+
+
+def counting_env(stack_env: dict[str, str], **extra: str) -> dict[str, str]:
+    return {**stack_env, "VEBAQ_FUNCTIONS": "tests.counting_functions",
+            "VEBAQ_VISIBILITY_TIMEOUT": "5", **extra}
+
+
+def suppressed(logs: list[str]) -> int:
+    return sum(log.count("duplicate delivery suppressed") for log in logs)
+
+
+def report(name: str, sent: int, r: redis.Redis, logs: list[str]) -> int:
+    handled = r.hlen(counting.EFFECTS)
+    runs = sum(int(v) for v in r.hvals(counting.RUNS))
+    lost = sent - handled
+    print(f"\n[{name}] sent={sent} handled={handled} function runs={runs} "
+          f"duplicates suppressed={suppressed(logs)} "
+          f"duplicate effects absorbed={int(r.get(counting.DUPLICATE_EFFECTS) or 0)} lost={lost}")
+    return lost
+
+
+def test_kill_9_workers_during_a_thousand_events(stack_env: dict[str, str], log_dir: Path,
+                                                 redis_client: redis.Redis) -> None:
+    env = counting_env(stack_env, VEBAQ_TEST_WORK="0.05")  # ≈ 80 events/s over 4 processes
+    workers = [start_worker("count", env, log_dir, concurrency=2, name=f"count-{i}")
+               for i in range(2)]
+    batch = [outgoing() for _ in range(1000)]
+    Publisher(create_app(env["VEBAQ_BROKER_URL"])).publish(batch)
+    rng = random.Random(9)
+    retired = []
+    for kill in range(3):
+        target = redis_client.hlen(counting.EFFECTS) + 150
+        wait_until(lambda t=target: redis_client.hlen(counting.EFFECTS) >= t, 60,
+                   f"progress before kill {kill + 1}", 0.01)
+        victim = workers.pop(rng.randrange(len(workers)))
+        victim.signal(signal.SIGKILL)  # the main process and its pool children
+        victim.popen.wait(10)
+        retired.append(victim)
+        workers.append(start_worker("count", env, log_dir, concurrency=2,
+                                    name=f"count-replacement-{kill}"))
+    wait_until(lambda: redis_client.hlen(counting.EFFECTS) == len(batch), 120,
+               "every event handled after the kills", 0.2)
+    logs = [w.log() for w in workers + retired]
+    for worker in workers:
+        worker.stop()
+    assert report("kill -9 workers x3", len(batch), redis_client, logs) == 0
+    assert redis_client.llen("count") == 0
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[tuple[str, callable]]:
+    """A redis-server with append-only persistence (fsync always) that the test can restart."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("this test restarts a Redis server: it needs redis-server on PATH",
+                    pytrace=False)
+    port = free_port()
+    data = tmp_path / "redis-data"
+    data.mkdir()
+    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data),
+            "--appendonly", "yes", "--appendfsync", "always", "--save", "",
+            "--maxmemory-policy", "noeviction"]
+    procs = [subprocess.Popen(argv, stdout=subprocess.DEVNULL)]
+    url = f"redis://127.0.0.1:{port}/0"
+    wait_until(lambda: _pings(url), 10, "redis-server")
+
+    def restart(down_for: float) -> None:
+        procs[-1].send_signal(signal.SIGKILL)  # a crash: only the append-only file survives
+        procs[-1].wait(10)
+        time.sleep(down_for)
+        procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL))
+        wait_until(lambda: _pings(url), 20, "redis-server after the restart")
+
+    yield url, restart
+    procs[-1].terminate()
+    procs[-1].wait(10)
+
+
+def _pings(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5).ping())
+    except redis.RedisError:
+        return False
+
+
+def test_redis_restart_while_events_flow(stack_env: dict[str, str], log_dir: Path,
+                                         vcenter: VCenter, own_redis: tuple) -> None:
+    url, restart = own_redis
+    config = log_dir / "vebaq.yaml"
+    config.write_text("triggers: [{name: all, pool: count}]\n")
+    env = counting_env(stack_env, VEBAQ_BROKER_URL=url, VEBAQ_CONFIG=str(config))
+    r = redis.Redis.from_url(url)
+    worker = start_worker("count", env, log_dir, concurrency=2)
+    producer = start_producer(env, log_dir)
+
+    posted: list[int] = []
+    stop = threading.Event()
+
+    def post_steadily() -> None:
+        client = VCenter(env["VCENTER_URL"])
+        while not stop.is_set():
+            client.post(vim.event.GeneralUserEvent(message="during a Redis restart"))
+            posted.append(1)
+            time.sleep(0.05)
+        client.close()
+
+    poster = threading.Thread(target=post_steadily)
+    poster.start()
+    wait_until(lambda: r.hlen(counting.EFFECTS) >= 10, 30, "events flowing")
+    restart(down_for=3)
+    producer.wait_for(r"Redis did not take", timeout=30)
+    time.sleep(3)
+    stop.set()
+    poster.join(30)
+    # Every posted event (and the producer's own login events) is handled eventually.
+    wait_until(lambda: r.hlen(counting.EFFECTS) >= len(posted), 120,
+               f"all {len(posted)} posted events handled after the restart", 0.5)
+    logs = [producer.log(), worker.log()]
+    producer.stop()
+    worker.stop()
+    assert report("Redis restart", len(posted), r, logs) <= 0
