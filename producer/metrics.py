@@ -70,6 +70,7 @@ class ProducerMetrics:
         self.started = time.time()
         self.heartbeat = time.time()
         self.connected = False
+        self.standing_by = False
 
     def watch_queues(self, redis_client: redis.Redis, pools: set[str]) -> None:
         """Also export dead-letter, retry and queue depths from this Redis."""
@@ -87,7 +88,9 @@ class ProducerMetrics:
         }
 
     def healthy(self) -> bool:
-        return time.time() - self.heartbeat < STALL_SECONDS
+        """Logged in to vCenter (or standing by for another producer), and not stalled."""
+        return (self.connected or self.standing_by) and \
+            time.time() - self.heartbeat < STALL_SECONDS
 
 
 def serve(metrics: ProducerMetrics, port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer:

@@ -85,12 +85,16 @@ class ProducerService:
         if self.lease.try_acquire():
             return True
         logger.info("standing by: producer %s is reading this vCenter", self.lease.current_holder())
-        while not self.stop.wait(self.lease.ttl / 4):
-            self.metrics.heartbeat = time.time()
-            if self.lease.try_acquire():
-                logger.info("took over reading this vCenter")
-                return True
-        return False
+        self.metrics.standing_by = True
+        try:
+            while not self.stop.wait(self.lease.ttl / 4):
+                self.metrics.heartbeat = time.time()
+                if self.lease.try_acquire():
+                    logger.info("took over reading this vCenter")
+                    return True
+            return False
+        finally:
+            self.metrics.standing_by = False
 
     def start(self) -> None:
         vc = self.settings.vcenter
