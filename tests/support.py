@@ -83,8 +83,10 @@ class Proc:
         self._log.close()
 
     def stop(self, timeout: float = 20) -> int:
-        """SIGTERM (warm shutdown), then SIGKILL after ``timeout``."""
-        self.signal(signal.SIGTERM)
+        """SIGTERM to the main process (as Docker's init does: a Celery worker then shuts down
+        warm, its pool children finishing their tasks), SIGKILL after ``timeout``."""
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
         try:
             self.popen.wait(timeout)
         except subprocess.TimeoutExpired:

@@ -160,3 +160,22 @@ def test_redis_restart_while_events_flow(stack_env: dict[str, str], log_dir: Pat
     producer.stop()
     worker.stop()
     assert report("Redis restart", posted, r, logs) == 0
+
+
+def test_sigterm_lets_running_tasks_finish_and_returns_the_rest(
+        stack_env: dict[str, str], log_dir: Path, redis_client: redis.Redis) -> None:
+    env = counting_env(stack_env, VEBAQ_TEST_WORK="1.5")
+    worker = start_worker("count", env, log_dir, concurrency=2, name="count-graceful")
+    batch = [outgoing() for _ in range(8)]
+    Publisher(create_app(env["VEBAQ_BROKER_URL"])).publish(batch)
+    wait_until(lambda: len(redis_client.hkeys(counting.RUNS)) >= 2, 30, "two tasks running")
+    assert worker.stop(timeout=30) == 0  # warm shutdown
+    running_then = len(redis_client.hkeys(counting.RUNS))
+    assert redis_client.hlen(counting.EFFECTS) == running_then, "running tasks finished"
+    waiting = redis_client.llen("count")
+    assert waiting == len(batch) - running_then, "the rest is back in the queue, not lost"
+    replacement = start_worker("count", env, log_dir, concurrency=2, name="count-after")
+    wait_until(lambda: redis_client.hlen(counting.EFFECTS) == len(batch), 60, "all handled")
+    logs = [worker.log(), replacement.log()]
+    replacement.stop()
+    assert report("SIGTERM worker", [o.event_id for o in batch], redis_client, logs) == 0

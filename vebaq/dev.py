@@ -51,8 +51,9 @@ class Child:
             click.echo(f"{prefix} {line.rstrip()}")
 
     def stop(self) -> None:
+        # The main process only: a Celery worker then lets its pool children finish their tasks.
         if self.popen and self.popen.poll() is None:
-            os.killpg(self.popen.pid, signal.SIGTERM)
+            self.popen.send_signal(signal.SIGTERM)
 
     def wait(self, deadline: float) -> None:
         if not self.popen:
