@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from datetime import datetime
+from datetime import UTC, datetime
 
 import redis
 from celery import Celery
@@ -20,6 +20,7 @@ from producer.publisher import Outgoing, Publisher
 from producer.reader import EventReader, SeenKeys
 from producer.routing import route
 from producer.vcenter import CONNECTION_LOST, SESSION_LOST, Session, connect
+from vebaq import progress
 from vebaq.config import Settings
 from vebaq.errors import BrokerError, VCenterError
 from vebaq.secrets import redact_url, scrub
@@ -35,6 +36,42 @@ Pending = tuple[int, datetime, Outgoing | None]
 
 #: Errors that mean "Redis did not take the batch": keep it and try again.
 BROKER_ERRORS = (OperationalError, KombuError, redis.RedisError, ConnectionError, OSError)
+
+
+#: Seconds behind vCenter above which the producer reports its catch-up progress.
+CATCH_UP_LAG = 30.0
+
+
+class CatchUp:
+    """Progress through a backlog (after an outage, or a first start with an old checkpoint),
+    measured in vCenter time: a log line every ``vebaq.progress.LOG_INTERVAL`` seconds."""
+
+    def __init__(self) -> None:
+        self.origin: datetime | None = None  # creation time of the first backlog event
+        self.events = 0
+        self.started = 0.0
+        self.shown = 0.0
+
+    def update(self, newest: datetime, events: int) -> None:
+        now = datetime.now(UTC)
+        behind = (now - newest).total_seconds()
+        if self.origin is None:
+            if behind < CATCH_UP_LAG:
+                return
+            self.origin, self.events, self.started = newest, 0, time.monotonic()
+            self.shown = self.started
+        self.events += events
+        elapsed = max(time.monotonic() - self.started, 1e-6)
+        if behind < CATCH_UP_LAG:
+            logger.info("caught up: %d backlog event(s) in %.0fs", self.events, elapsed)
+            self.origin = None
+            return
+        if time.monotonic() - self.shown >= progress.LOG_INTERVAL:
+            self.shown = time.monotonic()
+            span = max((now - self.origin).total_seconds(), 1e-6)
+            done = (newest - self.origin).total_seconds() / span
+            logger.info("catching up: %s — %d event(s), %.0f/s, %.0fs behind vCenter",
+                        progress.bar(done), self.events, self.events / elapsed, behind)
 
 
 class ProducerService:
@@ -67,6 +104,7 @@ class ProducerService:
         self.store: CheckpointStore | None = None
         #: Bumped when vCenter numbers its events anew (see producer.cloudevent.event_id).
         self.key_epoch = 0
+        self.catch_up = CatchUp()
 
     # --- start-up: every failure here is one clear line and a non-zero exit
 
@@ -234,6 +272,7 @@ class ProducerService:
         self.reader.confirmed([key for key, _, _ in pending], checkpoint.created - OVERLAP)
         self.metrics.checkpoint_time.set(checkpoint.updated)
         self.metrics.read_lag.set(max(0.0, time.time() - checkpoint.created.timestamp()))
+        self.catch_up.update(checkpoint.created, len(pending))
         logger.info("enqueued %d event(s) (keys %d–%d) → %d task(s); checkpoint at event %d",
                     len(pending), pending[0][0], pending[-1][0],
                     sum(len(item.pools) for item in batch), checkpoint.key)

@@ -51,3 +51,22 @@ def test_metrics_stats_and_health(stack_env: dict[str, str], log_dir: Path, vcen
     assert stats["vcenter"]["events_read"] >= 1
     assert fetch(f"{base}/nope")[0] == 404
     wait_until(lambda: producer.stop() == 0, 30, "a clean stop")
+
+
+def test_catch_up_progress_is_logged(caplog: pytest.LogCaptureFixture,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from producer.service import CatchUp
+
+    monkeypatch.setattr("vebaq.progress.LOG_INTERVAL", 0.0)
+    caplog.set_level("INFO", logger="vebaq.producer")
+    now = datetime.now(UTC)
+    tracker = CatchUp()
+    tracker.update(now - timedelta(minutes=60), 1000)  # an hour behind: a backlog starts
+    tracker.update(now - timedelta(minutes=30), 1000)  # half way
+    tracker.update(now - timedelta(seconds=1), 500)  # caught up
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(line.startswith("catching up: [############------------]  50%") and
+               "2000 event(s)" in line for line in lines), lines
+    assert lines[-1].startswith("caught up: 2500 backlog event(s)")

@@ -17,6 +17,7 @@ import click
 
 from vebaq import config
 from vebaq.errors import BrokerError, VebaqError
+from vebaq.progress import Progress
 from vebaq.secrets import redact_url, scrub
 
 if TYPE_CHECKING:
@@ -226,8 +227,6 @@ def _one_line(text: str, width: int) -> str:
 
 #: Characters of the error shown by ``dlq list``.
 LIST_ERROR_WIDTH = 60
-#: ``dlq replay --all`` prints a progress line every this many replays.
-REPLAY_PROGRESS_EVERY = 100
 
 
 @cli.group(cls=DeadLetterGroup)
@@ -314,6 +313,7 @@ def dlq_replay(store: DeadLetterStore, letter_id: str | None, replay_all: bool,
         return
     letters = deadletters.list_letters(r, subject=subject, pool=pool)
     replayed, skipped = 0, []
+    progress = Progress("replaying dead letters", len(letters))
     for record in letters:
         try:
             replay(record)
@@ -323,8 +323,8 @@ def dlq_replay(store: DeadLetterStore, letter_id: str | None, replay_all: bool,
             skipped.append(str(exc))
             continue
         replayed += 1
-        if replayed % REPLAY_PROGRESS_EVERY == 0:
-            click.echo(f"replayed {replayed} of {len(letters)}…", err=True)
+        progress.update(replayed)
+    progress.finish(replayed)
     for reason in skipped:
         click.echo(f"skipped: {reason}", err=True)
     click.echo(f"replayed {replayed} dead letter(s)"
