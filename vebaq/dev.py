@@ -9,6 +9,7 @@ the fake vROps with the simulated hosts. Ctrl-C stops them all, workers warm (ta
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -99,11 +100,13 @@ def run(pools: Iterable[str], simulate: bool | None, rate: float, flower_port: i
     if "vrops" in pools and not env.get("VROPS_URL"):
         if simulate:
             port = free_port()
+            password = secrets.token_urlsafe(12)
             hosts = [f"--host={h.name}={h.moref}@{SIMULATED_UUID}" for h in simulated_hosts(4)]
             children.append(Child("fake-vrops", [python, "-m", "vebaq.fake_vrops", "--port",
-                                                 str(port), *hosts], env, "red"))
+                                                 str(port), "--user", "admin", "--password",
+                                                 password, *hosts], env, "red"))
             env.update(VROPS_URL=f"http://127.0.0.1:{port}", VROPS_USER="admin",
-                       VROPS_PASSWORD="admin")
+                       VROPS_PASSWORD=password)
             say(f"vROps: the fake vROps at http://127.0.0.1:{port} "
                 f"(state: http://127.0.0.1:{port}/_fake/state)")
         else:
