@@ -17,9 +17,15 @@ from pathlib import Path
 
 import pytest
 import redis
+from hypothesis import settings as hypothesis_settings
 
 from tests.support import Simulator, VCenter, build_vcsim, wait_until
 from vebaq.embedded import EmbeddedRedis, free_port
+
+# In CI, property tests draw the same examples every run: a failure there is reproducible.
+hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    hypothesis_settings.load_profile("ci")
 
 #: The Redis database the tests own (other databases on a shared Redis are left alone).
 TEST_DB = int(os.environ.get("VEBAQ_TEST_DB", "9"))

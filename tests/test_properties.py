@@ -46,7 +46,7 @@ def vcenter_events(draw: st.DrawFn) -> vim.event.Event:
                                                  host=vim.HostSystem(draw(st.text(
                                                      alphabet="host-0123456789", min_size=1))))
     if isinstance(event, vim.event.EventEx | vim.event.ExtendedEvent):
-        event.eventTypeId = draw(st.one_of(st.none(), texts))
+        event.eventTypeId = draw(texts)  # required by pyvmomi; may be empty
     return event
 
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import click
 
 from vebaq import config
-from vebaq.errors import BrokerError, VebaqError
+from vebaq.errors import BrokerError, VebaqError, one_line
 from vebaq.progress import Progress
 from vebaq.secrets import redact_url, scrub
 
@@ -135,11 +135,11 @@ class CommandError(click.ClickException):
     itself (``standalone_mode``, ``CliRunner``)."""
 
     def __init__(self, error: VebaqError) -> None:
-        super().__init__(scrub(str(error), ()))
+        super().__init__(str(error))
         self.exit_code = error.exit_code
 
     def show(self, file: object = None) -> None:
-        click.echo(f"vebaq: error: {self.format_message()}", err=True)
+        click.echo(error_line(self.format_message()), err=True)
 
 
 class DeadLetterGroup(click.Group):
@@ -370,6 +370,11 @@ def dlq_stats(store: DeadLetterStore, as_json: bool) -> None:
     click.echo(f"retries pending: {pending}")
 
 
+def error_line(message: str) -> str:
+    """How every error ends a command: one line, no URL password, no control character."""
+    return f"vebaq: error: {one_line(scrub(message))}"
+
+
 def main() -> None:
     """Entry point: run the CLI, turning vebaq's errors into one line and an exit status."""
     try:
@@ -380,8 +385,7 @@ def main() -> None:
         exc.show()
         sys.exit(exc.exit_code)
     except VebaqError as exc:
-        secrets = ()
-        click.echo(f"vebaq: error: {scrub(str(exc), secrets)}", err=True)
+        click.echo(error_line(str(exc)), err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -43,7 +43,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from producer.routing import DEFAULT_TRIGGERS, Trigger, parse_filter
-from vebaq.errors import ConfigError
+from vebaq.errors import ConfigError, one_line
 from vebaq.secrets import Secret, redact_url
 
 #: Where the broker is when nothing says otherwise (the Redis a developer runs locally).
@@ -353,7 +353,7 @@ def load(path: str | os.PathLike | None = None, environ: Mapping[str, str] | Non
     try:
         return _build(raw, environ, known_pools)
     except ConfigError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
+        raise ConfigError(one_line(f"{where}: {exc}")) from None
 
 
 def _build(raw: dict[str, Any], environ: Mapping[str, str],

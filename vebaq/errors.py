@@ -1,5 +1,14 @@
 """Errors that end a command with one clear line (see :func:`vebaq.cli.main`)."""
 
+import re
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def one_line(text: str) -> str:
+    """``text`` with control characters (newlines from a YAML key, say) shown escaped."""
+    return _CONTROL.sub(lambda match: repr(match.group())[1:-1], text)
+
 
 class VebaqError(Exception):
     """Base class: the message is shown to the user as is, without a traceback."""
