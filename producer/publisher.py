@@ -37,6 +37,17 @@ class Outgoing:
     pools: tuple[str, ...]
 
 
+def kwargs_summary(item: Outgoing, pool: str) -> str:
+    """A short view of the task's arguments for Flower: the pool and the event's identity."""
+    event = item.structured
+    host = (event.get("data") or {}).get("Host") or {}
+    summary = {"pool": pool, "event": {"id": item.event_id, "subject": item.subject,
+                                       "time": event.get("time"), "source": event.get("source")}}
+    if isinstance(host, dict) and host.get("Name"):
+        summary["event"]["host"] = host["Name"]
+    return repr(summary)
+
+
 def task_id(event_id: str, pool: str) -> str:
     """One task per (event, pool); Flower shows the CloudEvent id in it."""
     return f"{event_id}:{pool}"
@@ -74,9 +85,14 @@ class Publisher:
                         kwargs={"event": item.structured, "pool": pool},
                         task_id=task_id(item.event_id, pool),
                         queue=queue_for(pool),
+                        declare=[],  # declared once, above: not once per message
                         producer=producer,
                         retry=True,
                         retry_policy=PUBLISH_RETRY_POLICY,
+                        # What Flower shows as the arguments; Celery would otherwise render
+                        # the whole event for every message (the costliest part of a send).
+                        argsrepr="()",
+                        kwargsrepr=kwargs_summary(item, pool),
                     )
                     sent += 1
         return sent

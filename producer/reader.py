@@ -1,14 +1,14 @@
 """Reading vCenter's event stream incrementally from an ``EventHistoryCollector``.
 
 A real vCenter pages ``ReadNextEvents`` forward in key order, so draining it after each poll
-gives every new event exactly once. govmomi's simulator (the test peer) does not: it returns one
-page of history, and after that shows new events only in the collector's ``latestPage`` — and not
-reliably all of them. With ``latest_page_fallback`` the reader therefore watches ``latestPage``
-when ``ReadNextEvents`` comes back empty, and when it shows an event that paging missed, reads the
-window again through a fresh collector (whose first page holds the simulator's whole history).
-On a real vCenter that costs one ``latestPage`` read per idle poll and almost never a re-read.
-Either way, events are de-duplicated by key, filtered by creation time (the simulator ignores
-the time filter), and returned in key order.
+gives every new event exactly once; that is all this reader does by default. govmomi's simulator
+(the test peer) does not: it returns one page of history, and after that shows new events only in
+the collector's ``latestPage`` — and not reliably all of them. With ``latest_page_fallback`` (set
+``VCENTER_LATEST_PAGE_FALLBACK=true`` for a simulator) the reader also reads ``latestPage`` and,
+when it shows new events with keys missing in between, reads the window again through a fresh
+collector (whose first page holds the simulator's whole, at most 1,000-event, history). Either
+way, events are de-duplicated by key, filtered by creation time (the simulator ignores the time
+filter), and returned in key order.
 """
 
 from __future__ import annotations
@@ -58,6 +58,11 @@ class SeenKeys:
             self._keys.discard(self._order.popleft())
 
 
+def _span(events: Iterable[vim.event.Event]) -> str:
+    keys = [e.key for e in events]
+    return f"keys {min(keys)}–{max(keys)}" if keys else "none"
+
+
 def _created(event: vim.event.Event) -> datetime:
     created = event.createdTime
     return created if created.tzinfo else created.replace(tzinfo=UTC)
@@ -70,22 +75,26 @@ class EventReader:
     :param begin: the collector's time filter: read events created since then (vCenter's clock).
     :param floor: never return events created before this (defaults to ``begin``).
     :param seen: keys already published (restored from the checkpoint after a restart).
-    :param page_size: events per ``ReadNextEvents`` call.
-    :param latest_page_fallback: also read ``latestPage`` (see the module docstring).
+    :param page_size: events per ``ReadNextEvents`` call (and the collector's page size);
+        the largest with ``latest_page_fallback``.
+    :param latest_page_fallback: also read ``latestPage``, for simulators (see the module
+        docstring); costs a read of up to ``page_size`` events per poll.
     """
 
     def __init__(self, content: vim.ServiceInstanceContent, *, begin: datetime, seen: SeenKeys,
-                 floor: datetime | None = None, page_size: int = 100,
-                 latest_page_fallback: bool = True) -> None:
+                 floor: datetime | None = None, page_size: int = MAX_PAGE_SIZE,
+                 latest_page_fallback: bool = False) -> None:
         self.content = content
         self.begin = begin
         #: Events created before this are never returned (the simulator ignores time filters).
         self.floor = floor or begin
         self.seen = seen
-        self.page_size = page_size
+        # The simulator shows its history in a collector's first page only: make it all of it.
+        self.page_size = MAX_PAGE_SIZE if latest_page_fallback else page_size
         self.latest_page_fallback = latest_page_fallback
         self.collector: vim.event.EventHistoryCollector | None = None
-        self._draining = True
+        #: The last poll stopped at MAX_EVENTS_PER_POLL with more events waiting.
+        self.more_waiting = False
 
     def _create_collector(self, page_size: int) -> vim.event.EventHistoryCollector:
         spec = vim.event.EventFilterSpec(
@@ -100,12 +109,9 @@ class EventReader:
     def open(self) -> None:
         """(Re)create the collector: root folder, all descendants, events since ``begin``.
 
-        It starts with the largest page, to drain a backlog in few calls (and because the
-        simulator returns at most one page of history); once caught up the page shrinks to
-        ``page_size``, which bounds what each ``latestPage`` read costs."""
+        Its page size stays as created: the simulator's collector misbehaves after a change."""
         self.close()
-        self.collector = self._create_collector(MAX_PAGE_SIZE)
-        self._draining = True
+        self.collector = self._create_collector(self.page_size)
 
     def close(self) -> None:
         if self.collector is not None:
@@ -130,30 +136,42 @@ class EventReader:
         """Every event not returned before, oldest key first."""
         if self.collector is None:
             self.open()
-        forward, more = self._read_forward(
-            self.collector, MAX_PAGE_SIZE if self._draining else self.page_size,
-            limit=MAX_EVENTS_PER_POLL)
+        forward, more = self._read_forward(self.collector, self.page_size,
+                                           limit=MAX_EVENTS_PER_POLL)
+        self.more_waiting = more
         events = list(forward)
-        if not more:
-            caught_up_now = self._draining
-            if self._draining:
-                self._draining = False
-                self.collector.SetCollectorPageSize(self.page_size)
-            if self.latest_page_fallback and (caught_up_now or self._forward_missed(forward)):
-                # The simulator neither pages new events forward nor keeps latestPage complete,
-                # but a new collector's first page holds its whole (≤1000) history.
+        if not more and self.latest_page_fallback:
+            latest = list(self.collector.latestPage or ())
+            events.extend(latest)
+            if self._forward_missed(forward, latest) and self._holes(events):
+                # The simulator neither pages new events forward nor keeps latestPage
+                # complete, but a new collector's first page holds its whole (≤1000)
+                # history: read that when keys are missing.
                 events.extend(self._reread_window())
         fresh: dict[int, vim.event.Event] = {}
         for event in events:
             if event.key not in self.seen and event.key not in fresh and self._in_window(event):
                 fresh[event.key] = event
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("poll: %d forward (%s), %d read in all, %d new (%s); highest seen %d",
+                         len(forward), _span(forward), len(events), len(fresh),
+                         _span(fresh.values()), self.seen.highest)
         return [fresh[key] for key in sorted(fresh)]
 
-    def _forward_missed(self, forward: list[vim.event.Event]) -> bool:
+    def _forward_missed(self, forward: list[vim.event.Event],
+                        latest: list[vim.event.Event]) -> bool:
         """Does latestPage show a new event that ReadNextEvents did not return?"""
         read = {e.key for e in forward}
         return any(e.key not in self.seen and e.key not in read and self._in_window(e)
-                   for e in self.collector.latestPage or ())
+                   for e in latest)
+
+    def _holes(self, events: list[vim.event.Event]) -> bool:
+        """Are keys missing between the newest confirmed key and the new events? (With the
+        whole inventory as the filter's scope, a vCenter's event keys are consecutive.)"""
+        keys = sorted({e.key for e in events if e.key not in self.seen and self._in_window(e)})
+        if self.seen.highest >= 0:
+            keys = [self.seen.highest, *(k for k in keys if k > self.seen.highest)]
+        return any(b - a > 1 for a, b in zip(keys, keys[1:], strict=False))
 
     def _in_window(self, event: vim.event.Event) -> bool:
         return event.createdTime is None or _created(event) >= self.floor

@@ -38,6 +38,11 @@ Pending = tuple[int, datetime, Outgoing | None]
 BROKER_ERRORS = (OperationalError, KombuError, redis.RedisError, ConnectionError, OSError)
 
 
+#: Polls stay at the poll interval until no event came for this many seconds; only then do
+#: they back off (doubling up to ``vcenter.maxPollInterval``), so latency stays at the poll
+#: interval while events flow and a quiet vCenter is polled less.
+QUIET_BEFORE_BACKOFF = 30.0
+
 #: Seconds behind vCenter above which the producer reports its catch-up progress.
 CATCH_UP_LAG = 30.0
 
@@ -199,6 +204,7 @@ class ProducerService:
     def _poll_until_stopped_or_lease_lost(self) -> None:
         vc = self.settings.vcenter
         interval = vc.poll_interval
+        last_event = time.monotonic()
         pending: list[Pending] = []
         while not self.stop.is_set():
             self.metrics.heartbeat = time.time()
@@ -214,12 +220,19 @@ class ProducerService:
                     continue
                 self.metrics.events_read.inc(len(events))
                 pending = self._convert(events)
+                if events:
+                    last_event = time.monotonic()
             if pending:
                 if self._publish(pending):
                     pending = []
                     interval = vc.poll_interval
-                    continue  # a backlog drains without waiting
+                    if self.reader.more_waiting:
+                        continue  # a backlog drains without waiting
+                    self.stop.wait(interval)
+                    continue
                 interval = min(max(interval * 2, 1.0), MAX_RECONNECT_DELAY)
+            elif time.monotonic() - last_event < QUIET_BEFORE_BACKOFF:
+                interval = vc.poll_interval
             else:
                 interval = min(interval * 2, vc.max_poll_interval)
             self.stop.wait(interval)

@@ -71,6 +71,7 @@ class SimulatedReader:
     _pending: list[vim.event.Event] = field(init=False, default_factory=list)
     _last: float = field(init=False, default=0.0)
     _maintenance: dict[str, bool] = field(init=False, default_factory=dict)
+    more_waiting: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
         self.floor = self.floor or self.begin
@@ -127,6 +128,7 @@ class SimulatedReader:
                 created = datetime.now(UTC)
                 self._pending.extend(self._make(created) for _ in range(min(due, 10_000)))
         page, self._pending = self._pending[:self.page_size], self._pending[self.page_size:]
+        self.more_waiting = bool(self._pending)
         return page
 
     def confirmed(self, keys: Iterable[int], begin: datetime) -> None:

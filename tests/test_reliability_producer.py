@@ -66,7 +66,7 @@ def test_kill_9_mid_backlog_then_restart_loses_nothing(stack_env: dict[str, str]
                                                       vcenter: VCenter, redis_client: redis.Redis,
                                                       tmp_path: Path) -> None:
     config = tmp_path / "vebaq.yaml"
-    config.write_text("vcenter: {pageSize: 50}\ntriggers: [{name: all, pool: echo}]\n")
+    config.write_text("triggers: [{name: all, pool: echo}]\n")
     env = {**stack_env, "VEBAQ_CONFIG": str(config)}
     first = start_producer(env, log_dir, name="producer-first")
     post(vcenter, 1, "warm-up")

@@ -46,7 +46,7 @@ def cli() -> None:
               help="YAML configuration file (default: $VEBAQ_CONFIG).")
 @click.option("--metrics-port", envvar="VEBAQ_METRICS_PORT", type=int, default=8080,
               show_default=True, help="Port for /metrics, /stats and /healthz; 0 disables.")
-@click.option("--log-level", default="INFO", show_default=True)
+@click.option("--log-level", envvar="VEBAQ_LOG_LEVEL", default="INFO", show_default=True)
 @click.option("--simulate", is_flag=True,
               help="Read the built-in simulated event source instead of vCenter.")
 @click.option("--rate", type=float, default=2.0, show_default=True,

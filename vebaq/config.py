@@ -12,8 +12,8 @@ The file is modelled on the VEBA router config; every key is optional::
       caBundle: /etc/ssl/vc-ca.pem
       pollInterval: 1s
       maxPollInterval: 5s
-      pageSize: 100
-      latestPageFallback: true
+      pageSize: 1000
+      latestPageFallback: false     # true for govmomi's simulator
       checkpoint: {maxAge: 1h}
     cloudevents:
       type: router                  # or: vsphere (com.vmware.vsphere.<Class>.v0)
@@ -87,10 +87,10 @@ class VCenterSettings:
     #: Idle polls back off by doubling up to this many seconds.
     max_poll_interval: float = 5.0
     #: Events per ReadNextEvents call (vCenter allows up to 1000).
-    page_size: int = 100
-    #: Also read the collector's ``latestPage`` when ReadNextEvents returns nothing: costs one
-    #: property read per idle poll on a real vCenter, and is what makes simulators work.
-    latest_page_fallback: bool = True
+    page_size: int = 1000
+    #: Also read the collector's ``latestPage`` each poll: what govmomi's simulator needs (it
+    #: does not page new events forward); a real vCenter does not.
+    latest_page_fallback: bool = False
     #: On restart, never replay events older than this many seconds.
     checkpoint_max_age: float = 3600.0
 
@@ -267,6 +267,7 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "VCENTER_INSECURE_SSL": ("vcenter", "insecureSSL"),
     "VCENTER_CA_BUNDLE": ("vcenter", "caBundle"),
     "VCENTER_POLL_INTERVAL": ("vcenter", "pollInterval"),
+    "VCENTER_LATEST_PAGE_FALLBACK": ("vcenter", "latestPageFallback"),
     "VROPS_URL": ("vrops", "url"),
     "VROPS_USER": ("vrops", "username"),
     "VROPS_PASSWORD": ("vrops", "password"),

@@ -166,7 +166,9 @@ def create_app(broker_url: str | None = None) -> VebaqCelery:
         task_ignore_result=True,
         # Events for Flower: each task shows up under its subject with its state and runtime.
         worker_send_task_events=True,
-        task_send_sent_event=True,
+        # No "task-sent" event per message from the producer: it would double what it
+        # publishes; Flower lists a task from the moment a worker receives it.
+        task_send_sent_event=False,
         task_track_started=True,
         worker_consumer="workers.app:SubjectConsumer",
         worker_hijack_root_logger=False,
