@@ -1,4 +1,4 @@
-"""The built-in simulated event source (``vebaq dev``, ``vebaq producer --simulate``, benchmarks)."""
+"""The built-in simulated event source (`vebaq dev`, `vebaq producer --simulate`, bench)."""
 
 from __future__ import annotations
 
