@@ -8,6 +8,7 @@ field of the event's own class.
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import uuid
 from datetime import UTC, datetime
@@ -79,24 +80,33 @@ def pascal(name: str) -> str:
     return name[:1].upper() + name[1:]
 
 
+@functools.cache
+def _fields(cls: type) -> tuple[tuple[str, str], ...]:
+    """``(pyvmomi name, PascalCase name)`` of a data class's fields, computed once per class."""
+    return tuple((prop.name, pascal(prop.name)) for prop in cls._GetPropertyList()
+                 if prop.name not in _SKIPPED_FIELDS)
+
+
+#: Types that JSON takes as they are (exact types: pyvmomi's subclasses are converted below).
+_PLAIN = frozenset({str, int, float, bool, type(None)})
+
+
 def to_data(value: Any) -> Any:
     """Convert a pyvmomi value into JSON-ready data (see the module docstring)."""
+    if type(value) in _PLAIN:  # most fields: checked first, it is the hot path
+        return value
     if isinstance(value, VmomiSupport.ManagedObject):
         return {"Type": value._wsdlName, "Value": value._moId}
     if isinstance(value, VmomiSupport.DataObject):
-        return {
-            pascal(prop.name): to_data(getattr(value, prop.name, None))
-            for prop in value._GetPropertyList()
-            if prop.name not in _SKIPPED_FIELDS
-        }
+        return {pascal_name: to_data(getattr(value, name, None))
+                for name, pascal_name in _fields(type(value))}
     if isinstance(value, datetime):
         return format_time(value)
-    if isinstance(value, bool | int | float | str) or value is None:
+    if isinstance(value, bool | int | float | str):
         # pyvmomi's enums, longs and doubles are subclasses of these: strip them to the base.
         for base in (bool, int, float, str):
             if isinstance(value, base):
                 return base(value)
-        return None
     if isinstance(value, bytes | bytearray):
         return base64.b64encode(bytes(value)).decode("ascii")
     if isinstance(value, list | tuple):
