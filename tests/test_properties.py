@@ -106,3 +106,31 @@ def test_garbage_payloads_are_refused_with_a_value_error(payload: str | bytes) -
     # Whatever parsed must be a real CloudEvent with the required attributes.
     parsed = json.loads(payload)
     assert all(parsed.get(name) for name in ("specversion", "id", "source", "type"))
+
+
+json_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), texts),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(texts, children,
+                                                                      max_size=4),
+    max_leaves=10)
+
+
+@settings(max_examples=300, deadline=None)
+@given(event=st.one_of(json_values, st.binary(max_size=100), st.fixed_dictionaries(
+           {"specversion": st.just("1.0"), "id": texts, "source": texts, "type": texts},
+           optional={"data": json_values, "time": texts, "subject": texts})),
+       pool=st.one_of(st.none(), texts, st.integers(), st.just("echo")))
+def test_any_task_payload_is_either_a_cloudevent_for_a_pool_or_poison(event: object,
+                                                                      pool: object) -> None:
+    from workers.errors import PoisonMessage
+    from workers.execution import parse_message
+    from workers.pools import load_functions
+
+    load_functions()
+    try:
+        cloudevent, parsed_pool = parse_message(event, pool)
+    except PoisonMessage as exc:
+        assert str(exc) and "\n" not in str(exc)  # dead-lettered with a one-line reason
+        return
+    assert parsed_pool == pool == "echo"
+    assert cloudevent.get_id() and cloudevent.get_source() and cloudevent.get_type()
