@@ -93,6 +93,7 @@ class EventReader:
         self.page_size = MAX_PAGE_SIZE if latest_page_fallback else page_size
         self.latest_page_fallback = latest_page_fallback
         self.collector: vim.event.EventHistoryCollector | None = None
+        self.window: vim.event.EventHistoryCollector | None = None
         #: The last poll stopped at MAX_EVENTS_PER_POLL with more events waiting.
         self.more_waiting = False
 
@@ -112,12 +113,18 @@ class EventReader:
         Its page size stays as created: the simulator's collector misbehaves after a change."""
         self.close()
         self.collector = self._create_collector(self.page_size)
+        if self.latest_page_fallback:
+            # A second collector, rewound to re-read the window: creating and destroying one
+            # per re-read can deadlock govmomi 0.24's simulator (DestroyCollector and PostEvent
+            # take its two locks in opposite orders).
+            self.window = self._create_collector(MAX_PAGE_SIZE)
 
     def close(self) -> None:
-        if self.collector is not None:
-            with contextlib.suppress(Exception):  # the session may be gone already
-                self.collector.DestroyCollector()
-            self.collector = None
+        for collector in (self.collector, self.window):
+            if collector is not None:
+                with contextlib.suppress(Exception):  # the session may be gone already
+                    collector.DestroyCollector()
+        self.collector = self.window = None
 
     @staticmethod
     def _read_forward(collector: vim.event.EventHistoryCollector, page_size: int,
@@ -177,13 +184,10 @@ class EventReader:
         return event.createdTime is None or _created(event) >= self.floor
 
     def _reread_window(self) -> list[vim.event.Event]:
-        collector = self._create_collector(MAX_PAGE_SIZE)
-        try:
-            forward, _ = self._read_forward(collector, MAX_PAGE_SIZE)
-            return [*forward, *(collector.latestPage or ())]
-        finally:
-            with contextlib.suppress(Exception):
-                collector.DestroyCollector()
+        """The simulator's whole (≤1000-event) history, newest included."""
+        self.window.RewindCollector()
+        forward, _ = self._read_forward(self.window, MAX_PAGE_SIZE)
+        return forward
 
     def confirmed(self, keys: Iterable[int], begin: datetime) -> None:
         """Events with ``keys`` were published; a re-created collector starts at ``begin``."""

@@ -311,7 +311,7 @@ class ProducerService:
         self.metrics.reconnects.inc()
         self.metrics.connected = True
         self.reader.content = self.session.content
-        self.reader.collector = None  # the old one died with its session
+        self.reader.collector = self.reader.window = None  # they died with their session
         self.reader.open()
         checkpoint = self.store.load()
         self._check_key_regression(checkpoint.key if checkpoint else None)

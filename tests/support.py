@@ -161,8 +161,10 @@ class VCenter:
 
     def __init__(self, url: str, user: str = "tester", password: str = "tester-password") -> None:
         parts = urlsplit(url)
+        # A timeout, so that a hung simulator fails the test instead of hanging the run.
         self.si = SmartConnect(protocol=parts.scheme, host=parts.hostname, port=parts.port,
-                               user=user, pwd=password, disableSslCertValidation=True)
+                               user=user, pwd=password, disableSslCertValidation=True,
+                               httpConnectionTimeout=60)
         self.content = self.si.RetrieveContent()
         self.instance_uuid = self.content.about.instanceUuid
 

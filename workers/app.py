@@ -14,6 +14,7 @@ pool the message was sent to.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -125,6 +126,7 @@ def _run_event(task: EventTask, event: Any = None, pool: Any = None, **extra: An
 
 #: The pools' queues, declared by producers and workers so that messages published before a
 #: worker first starts are kept.
+@functools.cache
 def queue_for(pool: str) -> Queue:
     return Queue(pool, Exchange(pool, type="direct"), routing_key=pool)
 
