@@ -1,6 +1,7 @@
 # Two commands set everything up on a fresh machine:
 #   make run    the pipeline (`vebaq dev`: embedded broker if no Redis is configured)
 #   make test   lint + the whole test suite on real parts (Redis, vCenter simulator, fake vROps)
+#   make bench  (not part of the tests) the benchmarks: bench/RESULTS.md and bench/results.png
 VENV   ?= .venv
 PYTHON ?= python3
 BIN     = $(VENV)/bin
@@ -28,7 +29,8 @@ run: install
 
 bench: install
 	./scripts/simulator-deps
-	$(BIN)/python -m bench
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	$(BIN)/python -m bench --publish
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

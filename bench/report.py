@@ -1,0 +1,224 @@
+"""The results as a table (terminal and Markdown) and as ``RESULTS.md``.
+
+Every row shows a figure, the baseline measured next to it, their ratio and the goal; the
+numbers are medians of the repeats (``bench.json`` has every run).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.stats import ratio
+
+#: The hand-written part of ``bench/RESULTS.md`` that republishing keeps.
+NOTES_HEADING = "## Notes"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the table."""
+
+    section: str
+    measurement: str
+    value: str
+    baseline: str = ""
+    ratio: str = ""
+    goal: str = ""
+
+
+def _num(value: float | None, digits: int = 0) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:,.{digits}f}"
+
+
+def _ratio(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def _met(ok: bool | None) -> str:
+    return "" if ok is None else (" ✓" if ok else " ✗")
+
+
+def _median(summary: dict[str, Any] | None) -> float | None:
+    return None if not summary else summary.get("median")
+
+
+def rows(results: dict[str, Any]) -> list[Row]:
+    """The table rows of every section that ran (a failed section shows its error)."""
+    out: list[Row] = []
+    sections = results["sections"]
+    raw = sections.get("raw") or {}
+    push, pop = _median(raw.get("push_per_s")), _median(raw.get("pop_per_s"))
+
+    for name, section in sections.items():
+        if "error" in section:
+            out.append(Row(name, "FAILED", section["error"][:80]))
+
+    drain = sections.get("drain") or {}
+    if "events_per_s" in drain:
+        rates = drain["events_per_s"]
+        r = _median(drain["ratio_pipeline_to_pyvmomi"])
+        out += [
+            Row("producer", f"drain vcsim → Redis, {drain['events']['pipeline']} events "
+                "(events/s)", _num(_median(rates["pipeline"])),
+                f"pyvmomi read only {_num(_median(rates['pyvmomi']))}", _ratio(r),
+                f"≥ 0.9{_met(r is not None and r >= 0.9)}"),
+            Row("producer", "  EventReader.poll alone, as configured (events/s)",
+                _num(_median(rates["reader"])),
+                f"pyvmomi read only {_num(_median(rates['pyvmomi']))}",
+                _ratio(_median(drain["ratio_reader_to_pyvmomi"]))),
+            Row("producer", "  EventReader.poll, no latestPage fallback (events/s)",
+                _num(_median(rates["reader_no_fallback"])),
+                f"pyvmomi read only {_num(_median(rates['pyvmomi']))}",
+                _ratio(_median(drain["ratio_reader_no_fallback_to_pyvmomi"]))),
+            Row("producer", "  pipeline tasks/s vs raw LPUSH",
+                _num(_median(drain["tasks_per_s"])), f"raw push {_num(push)}",
+                _ratio(ratio(_median(drain["tasks_per_s"]), push))),
+        ]
+    backlog = sections.get("backlog") or {}
+    if "events_per_s" in backlog:
+        rates, peak = backlog["events_per_s"], backlog["peak_rss_mib"]
+        tasks_per_s = (_median(rates["pipeline"]) or 0) * backlog["tasks"] / backlog["events"]
+        out += [
+            Row("producer", f"simulated backlog {backlog['events']:,} (events/s)",
+                _num(_median(rates["pipeline"])),
+                f"generate only {_num(_median(rates['generate']))}",
+                _ratio(_median(backlog["ratio_pipeline_to_generate"]))),
+            Row("producer", "  backlog tasks/s vs raw LPUSH", _num(tasks_per_s),
+                f"raw push {_num(push)}", _ratio(ratio(tasks_per_s, push))),
+            Row("producer", "  peak RSS (MiB)", _num(_median(peak["pipeline"]), 1),
+                f"generate only {_num(_median(peak['generate']), 1)}",
+                _ratio(_median(backlog["peak_rss_ratio_pipeline_to_generate"])),
+                f"bounded: +{_num(_median(backlog['peak_rss_added_by_pipeline_mib']), 1)} MiB"),
+        ]
+    workers = sections.get("throughput") or {}
+    for concurrency, case in (workers.get("by_concurrency") or {}).items():
+        r = _median(case["ratio_echo_to_bare"])
+        echo = _median(case["echo_tasks_per_s"])
+        out.append(Row("worker", f"echo, prefork -c {concurrency} (tasks/s)", _num(echo),
+                       f"bare no-op task {_num(_median(case['bare_tasks_per_s']))}", _ratio(r),
+                       f"≥ 0.8{_met(r is not None and r >= 0.8)}"))
+        out.append(Row("worker", f"  echo -c {concurrency} vs raw BRPOP", _num(echo),
+                       f"raw pop {_num(pop)}", _ratio(ratio(echo, pop))))
+    if "echo_scaling_1_to_2" in workers:
+        out.append(Row("worker", "  scaling -c 1 → -c 2 (echo)",
+                       f"×{workers['echo_scaling_1_to_2']:.2f}",
+                       f"bare ×{workers['bare_scaling_1_to_2']:.2f}",
+                       _ratio(workers["echo_scaling_1_to_2"] / workers["bare_scaling_1_to_2"])))
+    latency = sections.get("latency") or {}
+    for run in (latency.get("by_interval") or {}).values():
+        interval = run["poll_interval"]
+        backoff = "" if run.get("max_poll_interval") is None else ", no back-off"
+        for phase in ("idle", "load"):
+            data = run[phase]["per_repeat"]
+            p99 = _median(data["p99"])
+            value = "/".join(_num(_median(data[f"p{p}"]), 2) for p in (50, 95, 99))
+            out.append(Row("latency", f"{phase} {run[phase]['rate']:g}/s, poll {interval:g} s"
+                           f"{backoff}: p50/p95/p99 (s)", value, f"poll interval {interval:g}",
+                           _ratio(ratio(p99, interval)),
+                           f"p99 ≤ {run['goal_p99']:.2f}{_met(run[phase]['goal_met'])}"))
+    vrops = sections.get("vrops") or {}
+    if "calls_per_event" in vrops:
+        calls = _median(vrops["calls_per_event"])
+        out.append(Row("vrops", "vROps calls per maintenance event (steady)", _num(calls, 2),
+                       f"walkthrough {vrops['walkthrough_calls_per_event']}",
+                       _ratio(vrops["ratio_to_walkthrough"]),
+                       f"≤ 2{_met(calls is not None and calls <= 2)}"))
+        for label, model in vrops["models"].items():
+            out.append(Row("vrops", f"maintenance events/s, {label} (50 ms/call)",
+                           _num(_median(model["events_per_s"]), 1),
+                           f"ideal {model['ideal_events_per_s']:g} (c / 50 ms)",
+                           _ratio(model["ratio_to_ideal"])))
+        if "ratio_threads_to_prefork_c4" in vrops:
+            out.append(Row("vrops", "  threads vs prefork at -c 4", "",
+                           "prefork -c 4", _ratio(vrops["ratio_threads_to_prefork_c4"]),
+                           f"fastest: {vrops['fastest']}"))
+    if push is not None:
+        out += [Row("raw", f"LPUSH, pipelines of 500, {raw['message_bytes']:,} B msgs (msg/s)",
+                    _num(push)),
+                Row("raw", "BRPOP one at a time (msg/s)", _num(pop))]
+    return out
+
+
+_HEADER = ("section", "measurement", "value", "baseline", "ratio", "goal")
+
+
+def _cells(row: Row) -> tuple[str, ...]:
+    return (row.section, row.measurement, row.value, row.baseline, row.ratio, row.goal)
+
+
+def text_table(table: list[Row]) -> str:
+    """Aligned plain text for the terminal."""
+    lines = [_HEADER, *map(_cells, table)]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(_HEADER))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True))
+                     .rstrip() for line in lines)
+
+
+def markdown_table(table: list[Row]) -> str:
+    lines = ["| " + " | ".join(_HEADER) + " |", "|" + "---|" * len(_HEADER)]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in _cells(row)) + " |"
+              for row in table]
+    return "\n".join(lines)
+
+
+def markdown(results: dict[str, Any], image: str) -> str:
+    """``RESULTS.md``: the machine, the command, the table, the figure."""
+    machine = results["machine"]
+    libs = ", ".join(f"{k} {v}" for k, v in machine["libraries"].items() if v)
+    code = results.get("code") or {}
+    dirty = code.get("modified_files") or []
+    tree = (f"`{code.get('commit')}`" + (f" plus uncommitted changes to {len(dirty)} file(s)"
+                                          if dirty else ""))
+    return f"""# Benchmark results
+
+Measured by `{results['command']}` ({results['profile']} run, {results['repeats']} repeats per
+figure; the value is the median, the ratio is the median of per-repeat ratios where the
+baseline ran in the same repeat) on {results['started']}, taking {results['seconds']:.0f} s.
+Code: {tree}.
+
+Machine: {machine['nproc']} cores, {machine['cpu_model']}, Linux {machine['kernel']}, Python
+{machine['python']}, Redis {machine['redis_server']} (local, TCP); {libs}. The machine is
+shared and was not idle (load average {machine['load_average_at_start']} at the start): read
+the ratios, not the absolute numbers.
+
+{markdown_table(rows(results))}
+
+![latency distribution, worker throughput, vROps events/s]({image})
+
+What each figure is (details in the docstrings of `bench/*.py`):
+
+- **producer drain**: 1,000 events waiting in govmomi's simulator taken off by the producer's
+  `EventReader` → `ProducerService._convert` (CloudEvent, routing) → `_publish` (Celery tasks
+  through one kombu batch, then the checkpoint transaction); baseline: pyvmomi reading the same
+  events with a bare collector (pages of 1,000). Default settings and triggers (1.3 tasks per
+  event).
+- **simulated backlog**: the built-in simulated source with the whole backlog waiting, drained
+  by the same pipeline in a subprocess; baseline: a subprocess that only generates and pages the
+  events. Peak RSS is `VmHWM`; both processes hold the generated backlog (the simulated source
+  makes it up front), so the difference is what the pipeline adds.
+- **worker**: prefork workers with the queue preloaded; timed from the first message taken to
+  the queue empty with nothing unacked. Includes Celery's received/succeeded log lines and task
+  events (`-E`) for both; the echo function's own logging of every event (to a file) is included.
+- **latency**: the real producer process (default settings except the poll interval) and a
+  2-process worker running a function that records `time.time()` − the event's `createdTime`;
+  events posted at 1/s (idle) and 50/s (load).
+- **vrops**: the vrops pool against the fake vROps answering each call after 50 ms; after a
+  warm-up (tokens, resource ids cached). Ideal = concurrency / 50 ms.
+- **raw**: the same task messages pushed with redis-py pipelines and popped one `BRPOP` each.
+"""
+
+
+def publish(results: dict[str, Any], target: Path) -> None:
+    """Write ``RESULTS.md`` for ``target``'s directory, keeping its :data:`NOTES_HEADING`
+    section (hand-written findings) if it has one."""
+    body = markdown(results, "results.png")
+    notes = ""
+    if target.exists():
+        old = target.read_text(encoding="utf-8")
+        if NOTES_HEADING in old:
+            notes = old[old.index(NOTES_HEADING):]
+    target.write_text(body + ("\n" + notes if notes else ""), encoding="utf-8")
