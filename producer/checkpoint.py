@@ -59,10 +59,6 @@ class Checkpoint:
     floor: datetime
     updated: float
 
-    def age(self, now: float | None = None) -> float:
-        """Seconds since the checkpoint was last written."""
-        return (now or time.time()) - self.updated
-
 
 class CheckpointStore:
     """Checkpoint and published-key window of one vCenter.
