@@ -168,9 +168,11 @@ def create_app(broker_url: str | None = None) -> VebaqCelery:
         task_ignore_result=True,
         # Events for Flower: each task shows up under its subject with its state and runtime.
         worker_send_task_events=True,
-        # No "task-sent" event per message from the producer: it would double what it
-        # publishes; Flower lists a task from the moment a worker receives it.
-        task_send_sent_event=False,
+        # A "task-sent" event per message from the producer: Flower then shows each task's
+        # queue, and tasks still waiting in it. It costs a second publish per task
+        # (VEBAQ_TASK_SENT_EVENTS=false turns it off for the fastest backlog drain).
+        task_send_sent_event=os.environ.get("VEBAQ_TASK_SENT_EVENTS", "true").lower()
+        not in ("false", "0", "no", "off"),
         task_track_started=True,
         worker_consumer="workers.app:SubjectConsumer",
         worker_hijack_root_logger=False,
