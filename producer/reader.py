@@ -5,10 +5,10 @@ gives every new event exactly once; that is all this reader does by default. gov
 (the test peer) does not: it returns one page of history, and after that shows new events only in
 the collector's ``latestPage`` — and not reliably all of them. With ``latest_page_fallback`` (set
 ``VCENTER_LATEST_PAGE_FALLBACK=true`` for a simulator) the reader also reads ``latestPage`` and,
-when it shows new events with keys missing in between, reads the window again through a fresh
-collector (whose first page holds the simulator's whole, at most 1,000-event, history). Either
-way, events are de-duplicated by key, filtered by creation time (the simulator ignores the time
-filter), and returned in key order.
+when it shows new events with keys missing in between, reads the window again through a second,
+rewound collector (whose first page holds the simulator's whole, at most 1,000-event,
+history). Either way, events are de-duplicated by key, filtered by creation time (the simulator
+ignores the time filter), and returned in key order.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ SEEN_KEYS = 100_000
 MAX_PAGE_SIZE = 1000
 
 #: At most this many events are read per poll, so a huge backlog streams through in bounded
-#: memory (the producer polls again at once after publishing a non-empty batch).
+#: memory (the producer polls again at once while :attr:`EventReader.more_waiting`).
 MAX_EVENTS_PER_POLL = 5000
 
 
@@ -150,38 +150,36 @@ class EventReader:
         if not more and self.latest_page_fallback:
             latest = list(self.collector.latestPage or ())
             events.extend(latest)
-            if self._forward_missed(forward, latest) and self._holes(events):
+            read = {e.key for e in forward}
+            missed_by_paging = any(key not in read for key in self._new(latest))
+            if missed_by_paging and self._holes(self._new(events)):
                 # The simulator neither pages new events forward nor keeps latestPage
-                # complete, but a new collector's first page holds its whole (≤1000)
+                # complete, but a rewound collector's first page holds its whole (≤1000)
                 # history: read that when keys are missing.
                 events.extend(self._reread_window())
-        fresh: dict[int, vim.event.Event] = {}
-        for event in events:
-            if event.key not in self.seen and event.key not in fresh and self._in_window(event):
-                fresh[event.key] = event
+        fresh = self._new(events)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("poll: %d forward (%s), %d read in all, %d new (%s); highest seen %d",
                          len(forward), _span(forward), len(events), len(fresh),
                          _span(fresh.values()), self.seen.highest)
         return [fresh[key] for key in sorted(fresh)]
 
-    def _forward_missed(self, forward: list[vim.event.Event],
-                        latest: list[vim.event.Event]) -> bool:
-        """Does latestPage show a new event that ReadNextEvents did not return?"""
-        read = {e.key for e in forward}
-        return any(e.key not in self.seen and e.key not in read and self._in_window(e)
-                   for e in latest)
+    def _new(self, events: Iterable[vim.event.Event]) -> dict[int, vim.event.Event]:
+        """The events not returned before and not older than :attr:`floor`, by key."""
+        new: dict[int, vim.event.Event] = {}
+        for event in events:
+            if event.key not in self.seen and event.key not in new and (
+                    event.createdTime is None or _created(event) >= self.floor):
+                new[event.key] = event
+        return new
 
-    def _holes(self, events: list[vim.event.Event]) -> bool:
-        """Are keys missing between the newest confirmed key and the new events? (With the
+    def _holes(self, new_keys: Iterable[int]) -> bool:
+        """Are keys missing between the newest confirmed key and the new ones? (With the
         whole inventory as the filter's scope, a vCenter's event keys are consecutive.)"""
-        keys = sorted({e.key for e in events if e.key not in self.seen and self._in_window(e)})
+        keys = sorted(new_keys)
         if self.seen.highest >= 0:
             keys = [self.seen.highest, *(k for k in keys if k > self.seen.highest)]
         return any(b - a > 1 for a, b in zip(keys, keys[1:], strict=False))
-
-    def _in_window(self, event: vim.event.Event) -> bool:
-        return event.createdTime is None or _created(event) >= self.floor
 
     def _reread_window(self) -> list[vim.event.Event]:
         """The simulator's whole (≤1000-event) history, newest included."""

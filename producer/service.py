@@ -225,12 +225,11 @@ class ProducerService:
             if pending:
                 if self._publish(pending):
                     pending = []
-                    interval = vc.poll_interval
                     if self.reader.more_waiting:
                         continue  # a backlog drains without waiting
-                    self.stop.wait(interval)
-                    continue
-                interval = min(max(interval * 2, 1.0), MAX_RECONNECT_DELAY)
+                    interval = vc.poll_interval
+                else:
+                    interval = min(max(interval * 2, 1.0), MAX_RECONNECT_DELAY)
             elif time.monotonic() - last_event < QUIET_BEFORE_BACKOFF:
                 interval = vc.poll_interval
             else:

@@ -29,10 +29,9 @@ logger = logging.getLogger("vebaq")
 
 def load_settings(path: str | None) -> config.Settings:
     """Settings with triggers checked against the pools that really exist."""
-    from workers.pools import load_functions
+    from workers.runtime import load_settings as load
 
-    base = config.load(path)
-    return config.load(path, known_pools=load_functions(base.functions))
+    return load(path)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
