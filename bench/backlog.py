@@ -47,13 +47,12 @@ def child(mode: str, backlog: int, redis_url: str) -> dict[str, Any]:
     from producer.reader import SeenKeys
     from producer.service import ProducerService
     from producer.simulated import SimulatedReader
-    from vebaq import config
-    from workers.app import create_app
+    from vebaq.core import config
     from workers.pools import load_functions
 
     settings = config.load(environ={"VEBAQ_BROKER_URL": redis_url},
                            known_pools=load_functions())
-    service = ProducerService(settings, app=create_app(redis_url),
+    service = ProducerService(settings,
                               simulate={"backlog": backlog, "rate": 0, "seed": SEED})
     rss_before = _status_kib("VmRSS")
     tasks = 0

@@ -36,8 +36,8 @@ from producer.checkpoint import CheckpointStore
 from producer.reader import MAX_PAGE_SIZE, EventReader, SeenKeys
 from producer.service import ProducerService
 from producer.vcenter import Session, connect
-from vebaq import config
-from workers.app import create_app
+from vebaq.core import config
+from vebaq.core.broker import sender_app
 from workers.pools import load_functions
 
 #: Extra events posted beyond the simulator's ring, so the ring holds only the benchmark's.
@@ -134,7 +134,7 @@ def run_pipeline(settings: config.Settings, app: Celery, session: Session,
             if not service._publish(pending):
                 raise RuntimeError("Redis did not take a batch")
             count += len(pending)
-            tasks += sum(len(item.pools) for _, _, item in pending if item is not None)
+            tasks += sum(len(item.messages) for item in pending)
         seconds = time.perf_counter() - started
         service.reader.close()
     finally:
@@ -146,7 +146,7 @@ def measure(profile: Profile, redis_url: str, sim_url: str) -> dict[str, Any]:
     settings = settings_for(sim_url, redis_url)
     begin = fill_simulator(sim_url)
     session = connect(settings.vcenter)
-    app = create_app(redis_url)
+    app = sender_app(settings, "bench-drain")
     r = redisdb.connect(redis_url)
     rates: dict[str, list[float]] = {"pyvmomi": [], "reader": [], "reader_no_fallback": [],
                                      "pipeline": []}

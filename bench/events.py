@@ -13,10 +13,11 @@ from typing import Any
 
 from pyVmomi import vim
 
-from producer.cloudevent import event_id, to_cloudevent, to_structured
-from producer.publisher import Outgoing
+from producer.cloudevent import event_id, to_cloudevent
 from producer.reader import SeenKeys
 from producer.simulated import SimulatedReader, SimulatedSession
+from vebaq.core.envelope import to_structured
+from vebaq.core.messages import TaskMessage
 
 #: Seed of the simulated source, so every run converts the same event mix.
 SEED = 7
@@ -38,9 +39,9 @@ def simulated_cloudevents(count: int) -> list[dict[str, Any]]:
             for event in reader.poll()]
 
 
-def outgoing(structured: list[dict[str, Any]], pool: str) -> list[Outgoing]:
+def outgoing(structured: list[dict[str, Any]], pool: str) -> list[TaskMessage]:
     """One task per event, all for ``pool``."""
-    return [Outgoing(e["subject"], e["id"], e, (pool,)) for e in structured]
+    return [TaskMessage(e["subject"], e, pool) for e in structured]
 
 
 def bench_hosts(count: int) -> list[tuple[str, str]]:

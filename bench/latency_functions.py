@@ -14,7 +14,8 @@ import time
 
 from cloudevents.core.v1.event import CloudEvent
 
-from workers import runtime, state
+from vebaq.core import redisdb
+from workers import settings
 from workers.pools import function
 
 #: The Redis list the samples go to (in the broker's database).
@@ -29,4 +30,4 @@ def record_latency(event: CloudEvent) -> None:
     message = data.get("Message") if isinstance(data, dict) else None
     sample = {"id": event.get_id(), "message": message,
               "latency": started - created.timestamp() if created else None}
-    state.client(runtime.settings().broker_url).rpush(SAMPLES, json.dumps(sample))
+    redisdb.client(settings.settings().broker_url).rpush(SAMPLES, json.dumps(sample))

@@ -11,7 +11,7 @@ import redis
 from bench import events, redisdb
 from bench.profiles import Profile
 from bench.stats import summary
-from producer.publisher import PIPELINE_SIZE, Publisher
+from vebaq.core.publish import PIPELINE_SIZE, Publisher
 from workers.app import create_app
 
 #: The queue the raw messages go through.
@@ -24,7 +24,7 @@ SAMPLE = 200
 def sample_messages(r: redis.Redis, redis_url: str) -> list[bytes]:
     """Task messages exactly as the producer enqueues them for the echo pool."""
     redisdb.flush(r)
-    Publisher(create_app(redis_url)).publish(
+    Publisher(create_app(broker_url=redis_url)).publish(
         events.outgoing(events.simulated_cloudevents(SAMPLE), "echo"))
     messages = r.lrange("echo", 0, -1)
     redisdb.flush(r)

@@ -26,9 +26,10 @@ from bench.paused import PausedWorker
 from bench.procs import child_env, start_celery_worker, start_vebaq_worker, stop_all
 from bench.profiles import Profile
 from bench.stats import paired_ratio, summary
-from producer.publisher import PIPELINE_SIZE, Publisher, task_id
 from tests.support import Proc
-from workers.app import create_app, queue_for
+from vebaq.core.messages import TaskMessage, queue_for
+from vebaq.core.publish import PIPELINE_SIZE, Publisher
+from workers.app import create_app
 
 #: What a worker logs for each task that succeeded.
 SUCCEEDED = r"Task \S+\[\S+\] succeeded"
@@ -36,7 +37,7 @@ SUCCEEDED = r"Task \S+\[\S+\] succeeded"
 
 def check_bare_settings(redis_url: str) -> list[str]:
     """Settings where the bare app differs from vebaq's (should be none)."""
-    conf = create_app(redis_url).conf
+    conf = create_app(broker_url=redis_url).conf
     return [name for name, value in bare_app.SETTINGS.items() if conf.get(name) != value]
 
 
@@ -51,7 +52,8 @@ def preload_bare(app: Celery, batch: list[dict[str, Any]]) -> None:
     with app.producer_or_acquire() as producer, producer.batch(max_size=PIPELINE_SIZE):
         for event in batch:
             app.send_task(bare_app.TASK, kwargs={"event": event, "pool": "echo"},
-                          task_id=task_id(event["id"], bare_app.QUEUE), queue=queue,
+                          task_id=TaskMessage(event["subject"], event, bare_app.QUEUE).task_id,
+                          queue=queue,
                           producer=producer)
 
 
@@ -61,7 +63,7 @@ def measure(profile: Profile, redis_url: str, log_dir: Path) -> dict[str, Any]:
     rounds = profile.repeats * len(profile.worker_concurrency)
     structured = events.simulated_cloudevents(total * rounds)
     batches = [structured[i * total:(i + 1) * total] for i in range(rounds)]
-    echo_app, bare = create_app(redis_url), bare_app.create_app(redis_url)
+    echo_app, bare = create_app(broker_url=redis_url), bare_app.create_app(broker_url=redis_url)
     env = child_env(redis_url)
     results: dict[str, Any] = {"tasks_per_run": total, "message": "simulated event mix",
                                "settings_differing_from_vebaq": check_bare_settings(redis_url),

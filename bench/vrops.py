@@ -4,7 +4,7 @@ maintenance event in steady state, and events/s per worker concurrency model.
 One vrops worker per model (``prefork -c 4``, ``threads -c 4``, ``threads -c 8``) runs, paused
 while the others are measured. Each is first warmed up (every process has its token and has
 looked up every host), then a repeat publishes ``vrops_events`` maintenance events with
-:class:`producer.publisher.Publisher` — round-robin over the hosts, each host alternating
+:class:`vebaq.core.publish.Publisher` — round-robin over the hosts, each host alternating
 between entering and leaving maintenance, keys increasing — and times publish → drained.
 
 Baselines: the walkthrough's handler made 4 calls per event (goal ≤ 2); a model's ideal rate
@@ -25,10 +25,11 @@ from bench.paused import PausedWorker
 from bench.procs import child_env, start_vebaq_worker, stop_all
 from bench.profiles import VROPS_LATENCY, WALKTHROUGH_VROPS_CALLS, Profile
 from bench.stats import ratio, summary
-from producer.publisher import Publisher
 from tests.support import Proc
-from vebaq.fake_vrops import DEFAULT_PASSWORD, DEFAULT_USERNAME, FakeVrops
-from workers.app import create_app, queue_for
+from vebaq.core.messages import queue_for
+from vebaq.core.publish import Publisher
+from vebaq.devtools.fake_vrops import DEFAULT_PASSWORD, DEFAULT_USERNAME, FakeVrops
+from workers.app import create_app
 
 #: What the vrops function logs when it skips an event an as-new or newer one superseded.
 SKIPPED = r"vrops: .*(stale, skipped|already applied, skipped)"
@@ -54,7 +55,7 @@ def measure(profile: Profile, redis_url: str, log_dir: Path) -> dict[str, Any]:
     redisdb.flush(r)
     hosts = events.bench_hosts(profile.vrops_hosts)
     maker = MaintenanceEvents(hosts)
-    app = create_app(redis_url)
+    app = create_app(broker_url=redis_url)
     publisher = Publisher(app)
     queue = queue_for("vrops").name
     fake = FakeVrops(hosts=[(name, moref, VROPS_VCENTER_UUID) for name, moref in hosts])

@@ -1,10 +1,11 @@
 """The producer's durable position in a vCenter's event stream, kept in Redis.
 
-Per vCenter (keyed by its instance UUID) two keys:
+Per vCenter (keyed by its instance UUID, see :mod:`vebaq.core.keys`) two keys:
 
-``vebaq:checkpoint:<uuid>``
-    JSON ``{"key", "created", "updated"}`` of the last event whose enqueue Redis confirmed.
-``vebaq:published:<uuid>``
+``checkpoint``
+    JSON ``{"key", "created", "floor", "updated"}`` of the last event whose enqueue Redis
+    confirmed.
+``published``
     sorted set of recently published event keys, scored by creation time: on restart the
     producer re-reads from the checkpoint time (minus :data:`OVERLAP`) and skips these keys.
 
@@ -22,7 +23,8 @@ from datetime import UTC, datetime, timedelta
 import redis
 
 from producer.lease import Lease
-from workers.state import PREFIX
+from vebaq.core import keys
+from vebaq.core.redisdb import Script
 
 #: Re-read this much before the checkpoint on restart: vCenter's timestamps are not strictly
 #: ordered by key, and an overlap costs only duplicates that are recognised by key.
@@ -31,7 +33,7 @@ OVERLAP = timedelta(seconds=10)
 
 #: Atomically: check the lease (if a holder is given), add the published keys, trim the window,
 #: write the checkpoint. A script, not WATCH: lease renewals would abort a WATCH transaction.
-_COMMIT = """
+_COMMIT = Script("""
 if ARGV[1] ~= '' and redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return 0
 end
@@ -41,7 +43,7 @@ end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[3])
 redis.call('SET', KEYS[3], ARGV[2])
 return 1
-"""
+""")
 
 
 class LeaseLost(Exception):
@@ -68,11 +70,10 @@ class CheckpointStore:
 
     def __init__(self, r: redis.Redis, instance_uuid: str, retention: float) -> None:
         self.redis = r
-        self.key = f"{PREFIX}:checkpoint:{instance_uuid}"
-        self.published_key = f"{PREFIX}:published:{instance_uuid}"
-        self.epoch_key = f"{PREFIX}:key-epoch:{instance_uuid}"
+        self.key = keys.checkpoint(instance_uuid)
+        self.published_key = keys.published(instance_uuid)
+        self.epoch_key = keys.key_epoch(instance_uuid)
         self.retention = retention
-        self._commit = r.register_script(_COMMIT)
 
     def load(self) -> Checkpoint | None:
         raw = self.redis.get(self.key)
@@ -122,8 +123,8 @@ class CheckpointStore:
                              "floor": floor.astimezone(UTC).isoformat(), "updated": now})
         trim_below = max(c for _, c in events).timestamp() - self.retention
         scored = [value for k, c in events for value in (c.timestamp(), str(k))]
-        written = self._commit(
-            keys=[fence.key if fence else self.key, self.published_key, self.key],
+        written = _COMMIT(
+            self.redis, keys=[fence.key if fence else self.key, self.published_key, self.key],
             args=[fence.holder if fence else "", record, trim_below, *scored])
         if not written:
             raise LeaseLost(fence.key if fence else self.key)

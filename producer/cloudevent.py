@@ -1,4 +1,4 @@
-"""vCenter event (pyvmomi) → CloudEvent 1.0, and the structured JSON form tasks carry.
+"""vCenter event (pyvmomi) → CloudEvent 1.0 (its structured form is :mod:`vebaq.core.envelope`).
 
 The data keeps the shape VEBA's functions read: PascalCase field names, managed object
 references as ``{"Type": "HostSystem", "Value": "host-19"}``, times in RFC 3339 UTC, and every
@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import base64
 import functools
-import json
 import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from cloudevents.core.exceptions import BaseCloudEventException
-from cloudevents.core.formats.json import JSONFormat
 from cloudevents.core.v1.event import CloudEvent
 from pyVmomi import VmomiSupport, vim, vmodl
+
+from vebaq.core.subjects import class_subject
 
 #: Namespace for the deterministic CloudEvent id: uuid5(NS, "<vCenter instance UUID>/<event key>").
 ID_NAMESPACE = uuid.UUID("5f0c7a3e-3b7e-5d1b-9a51-7665626171ce")
@@ -32,8 +31,6 @@ ROUTER_TYPES = {
 #: pyvmomi bookkeeping fields that carry nothing for a function.
 _SKIPPED_FIELDS = frozenset({"dynamicType", "dynamicProperty"})
 
-_FORMAT = JSONFormat()
-
 
 class MalformedEvent(ValueError):
     """The event lacks what a CloudEvent needs (its key); the message says what."""
@@ -41,7 +38,7 @@ class MalformedEvent(ValueError):
 
 def class_name(event: vmodl.DynamicData) -> str:
     """``EnteredMaintenanceModeEvent`` for a ``vim.event.EnteredMaintenanceModeEvent``."""
-    return type(event).__name__.rsplit(".", 1)[-1]
+    return class_subject(type(event))
 
 
 def family(event: vmodl.DynamicData) -> str:
@@ -149,41 +146,3 @@ def to_cloudevent(event: vim.event.Event, *, source: str, instance_uuid: str,
     if isinstance(created, datetime):
         attributes["time"] = created if created.tzinfo else created.replace(tzinfo=UTC)
     return CloudEvent(attributes, to_data(event))
-
-
-def to_structured(event: CloudEvent) -> dict[str, Any]:
-    """The structured-mode JSON object (``application/cloudevents+json``) as a dict."""
-    return json.loads(_FORMAT.write(event))
-
-
-#: What a structured event must carry; the SDK would invent a missing ``id``.
-REQUIRED_ATTRIBUTES = ("specversion", "id", "source", "type")
-
-
-def from_structured(payload: dict[str, Any] | str | bytes) -> CloudEvent:
-    """Parse and validate the structured form; raises ``ValueError`` saying what is wrong."""
-    try:
-        parsed = json.loads(payload) if isinstance(payload, str | bytes) else payload
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"not JSON: {exc.msg} at position {exc.pos}") from None
-    if not isinstance(parsed, dict):
-        raise ValueError(f"expected a JSON object, got {type(parsed).__name__}")
-    missing = [name for name in REQUIRED_ATTRIBUTES if not parsed.get(name)]
-    if missing:
-        raise ValueError(f"missing required attribute(s): {', '.join(missing)}")
-    try:
-        return _FORMAT.read(None, json.dumps(parsed))
-    except BaseCloudEventException as exc:
-        raise ValueError(f"invalid CloudEvent: {str(exc)[:300]}") from None
-    except (TypeError, AttributeError, KeyError, OverflowError) as exc:
-        raise ValueError(f"invalid CloudEvent: {exc}") from None
-
-
-def event_classes() -> list[type]:
-    """Every vCenter event class pyvmomi knows (``vim.event.Event`` and its subclasses)."""
-    classes = []
-    for name in sorted(VmomiSupport._dataDefMap):
-        cls = VmomiSupport.GetVmodlType(name)
-        if isinstance(cls, type) and issubclass(cls, vim.event.Event):
-            classes.append(cls)
-    return classes

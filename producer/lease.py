@@ -18,25 +18,26 @@ import uuid
 
 import redis
 
-from workers.state import PREFIX
+from vebaq.core import keys
+from vebaq.core.redisdb import Script
 
 logger = logging.getLogger("vebaq.producer")
 
 #: Seconds a lease lasts without renewal: how long a standby waits after the holder died.
 LEASE_TTL = 10.0
 
-_RENEW = """
+_RENEW = Script("""
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 return 0
-"""
-_RELEASE = """
+""")
+_RELEASE = Script("""
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
 end
 return 0
-"""
+""")
 
 
 class Lease:
@@ -48,12 +49,10 @@ class Lease:
 
     def __init__(self, r: redis.Redis, scope: str, ttl: float = LEASE_TTL) -> None:
         self.redis = r
-        self.key = f"{PREFIX}:lease:{scope}"
+        self.key = keys.lease(scope)
         self.ttl = ttl
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.held = threading.Event()
-        self._renew = r.register_script(_RENEW)
-        self._release = r.register_script(_RELEASE)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -71,7 +70,7 @@ class Lease:
     def renew(self) -> bool:
         """Extend the lease; False (and :attr:`held` cleared) if it was lost."""
         try:
-            ok = bool(self._renew(keys=[self.key], args=[self.holder, int(self.ttl * 1000)]))
+            ok = bool(_RENEW(self.redis, keys=[self.key], args=[self.holder, int(self.ttl * 1000)]))
         except redis.RedisError as exc:
             # Cannot tell: keep going until the lease would have expired anyway.
             logger.warning("cannot renew the producer lease: %s", exc)
@@ -97,4 +96,4 @@ class Lease:
         if self.held.is_set():
             self.held.clear()
             with contextlib.suppress(redis.RedisError):  # else it expires by itself
-                self._release(keys=[self.key], args=[self.holder])
+                _RELEASE(self.redis, keys=[self.key], args=[self.holder])

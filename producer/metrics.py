@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from workers import deadletters, scheduler
+from vebaq.core import deadletters, retrystore
 
 #: ``/healthz`` fails when the main loop has not come round for this many seconds.
 STALL_SECONDS = 120
@@ -30,7 +30,7 @@ class QueueStateCollector:
     def collect(self) -> Iterator[GaugeMetricFamily]:
         try:
             letters = deadletters.counts(self.redis)
-            retries = scheduler.pending(self.redis)
+            retries = retrystore.pending(self.redis)
             depths = {pool: self.redis.llen(pool) for pool in sorted(self.pools)}
         except redis.RedisError:
             return  # a scrape while Redis is away shows the producer's own metrics only

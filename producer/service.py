@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import redis
@@ -13,26 +14,40 @@ from kombu.exceptions import KombuError, OperationalError
 from pyVmomi import vim
 
 from producer.checkpoint import OVERLAP, CheckpointStore, LeaseLost
-from producer.cloudevent import MalformedEvent, subject_of, to_cloudevent, to_structured
+from producer.cloudevent import MalformedEvent, subject_of, to_cloudevent
 from producer.lease import Lease
 from producer.metrics import ProducerMetrics
-from producer.publisher import Outgoing, Publisher
 from producer.reader import EventReader, SeenKeys
-from producer.routing import route
 from producer.vcenter import CONNECTION_LOST, SESSION_LOST, Session, connect
-from vebaq import progress
-from vebaq.config import Settings
-from vebaq.errors import BrokerError, VCenterError
-from vebaq.secrets import redact_url, scrub
-from workers import deadletters, state
+from vebaq.core import deadletters, progress
+from vebaq.core.broker import sender_app
+from vebaq.core.config import Settings
+from vebaq.core.envelope import to_structured
+from vebaq.core.errors import BrokerError, VCenterError
+from vebaq.core.messages import TaskMessage
+from vebaq.core.publish import Publisher
+from vebaq.core.redisdb import client
+from vebaq.core.routing import route
+from vebaq.core.secrets import redact_url, scrub
 
 logger = logging.getLogger("vebaq.producer")
 
 #: Longest wait between attempts to reach vCenter or Redis again.
 MAX_RECONNECT_DELAY = 30.0
 
-#: A read event: its key, creation time, and the tasks to send (None: no trigger matched).
-Pending = tuple[int, datetime, Outgoing | None]
+
+@dataclass(frozen=True)
+class ReadEvent:
+    """An event read from vCenter and converted, waiting to be enqueued.
+
+    :param key: the vCenter event key; :param created: its creation time;
+    :param messages: the task messages to send, one per matching pool (none: no trigger
+        matched, the event only moves the checkpoint).
+    """
+
+    key: int
+    created: datetime
+    messages: tuple[TaskMessage, ...]
 
 #: Errors that mean "Redis did not take the batch": keep it and try again.
 BROKER_ERRORS = (OperationalError, KombuError, redis.RedisError, ConnectionError, OSError)
@@ -49,7 +64,7 @@ CATCH_UP_LAG = 30.0
 
 class CatchUp:
     """Progress through a backlog (after an outage, or a first start with an old checkpoint),
-    measured in vCenter time: a log line every ``vebaq.progress.LOG_INTERVAL`` seconds."""
+    measured in vCenter time: a log line every ``vebaq.core.progress.LOG_INTERVAL`` seconds."""
 
     def __init__(self) -> None:
         self.origin: datetime | None = None  # creation time of the first backlog event
@@ -83,7 +98,7 @@ class ProducerService:
     """Runs until :attr:`stop` is set.
 
     :param settings: the loaded configuration.
-    :param app: the Celery app to publish with (``workers.app`` by default).
+    :param app: the Celery app to publish with (a sender app for the settings by default).
     :param simulate: read the built-in simulated source instead of vCenter, with these
         :class:`~producer.simulated.SimulatedReader` options (``rate``, ``backlog``, ``hosts``).
     """
@@ -91,17 +106,13 @@ class ProducerService:
     def __init__(self, settings: Settings, app: Celery | None = None,
                  metrics: ProducerMetrics | None = None,
                  simulate: dict | None = None) -> None:
-        if app is None:
-            from workers.app import create_app
-
-            app = create_app(settings.broker_url)
         self.settings = settings
         self.simulate = simulate
-        self.app = app
+        self.app = app or sender_app(settings, "vebaq-producer")
         self.metrics = metrics or ProducerMetrics()
         self.stop = threading.Event()
-        self.redis = state.client(settings.broker_url)
-        self.publisher = Publisher(app)
+        self.redis = client(settings.broker_url)
+        self.publisher = Publisher(self.app)
         self.metrics.watch_queues(self.redis, {t.pool for t in settings.triggers})
         self.lease = Lease(self.redis, settings.vcenter.url if simulate is None else "simulated")
         self.session: Session | None = None
@@ -205,7 +216,7 @@ class ProducerService:
         vc = self.settings.vcenter
         interval = vc.poll_interval
         last_event = time.monotonic()
-        pending: list[Pending] = []
+        pending: list[ReadEvent] = []
         while not self.stop.is_set():
             self.metrics.heartbeat = time.time()
             if not self.lease.held.is_set():
@@ -236,7 +247,7 @@ class ProducerService:
                 interval = min(interval * 2, vc.max_poll_interval)
             self.stop.wait(interval)
 
-    def _convert(self, events: list[vim.event.Event]) -> list[Pending]:
+    def _convert(self, events: list[vim.event.Event]) -> list[ReadEvent]:
         converted = []
         for event in events:
             try:
@@ -248,9 +259,9 @@ class ProducerService:
             except (MalformedEvent, ValueError, TypeError) as exc:
                 self._dead_letter_malformed(event, exc)
                 continue
-            pools = tuple(route(self.settings.triggers, structured))
-            outgoing = Outgoing(structured["subject"], structured["id"], structured, pools)
-            converted.append((event.key, cloudevent.get_time(), outgoing if pools else None))
+            messages = tuple(TaskMessage(structured["subject"], structured, pool)
+                             for pool in route(self.settings.triggers, structured))
+            converted.append(ReadEvent(event.key, cloudevent.get_time(), messages))
         return converted
 
     def _dead_letter_malformed(self, event: vim.event.Event, exc: Exception) -> None:
@@ -261,13 +272,12 @@ class ProducerService:
                         event={"vcenter": self.session.url, "raw": str(event)[:20000]},
                         error=exc, attempt=1)
 
-    def _publish(self, pending: list[Pending]) -> bool:
+    def _publish(self, pending: list[ReadEvent]) -> bool:
         """Enqueue, then commit the checkpoint; False (batch kept) if Redis failed."""
-        batch = [item for _, _, item in pending if item is not None]
+        batch = [message for item in pending for message in item.messages]
         try:
-            if batch:
-                self.publisher.publish(batch)
-            checkpoint = self.store.commit([(key, created) for key, created, _ in pending],
+            self.publisher.publish(batch)
+            checkpoint = self.store.commit([(item.key, item.created) for item in pending],
                                            self.reader.floor, fence=self.lease)
         except LeaseLost:
             logger.error("lease lost while publishing: checkpoint left to the new holder")
@@ -278,16 +288,14 @@ class ProducerService:
             logger.error("Redis did not take %d event(s), keeping them and retrying: %s",
                          len(pending), scrub(str(exc), self.settings.secrets()))
             return False
-        for item in batch:
-            for pool in item.pools:
-                self.metrics.published.labels(pool=pool).inc()
-        self.reader.confirmed([key for key, _, _ in pending], checkpoint.created - OVERLAP)
+        for message in batch:
+            self.metrics.published.labels(pool=message.pool).inc()
+        self.reader.confirmed([item.key for item in pending], checkpoint.created - OVERLAP)
         self.metrics.checkpoint_time.set(checkpoint.updated)
         self.metrics.read_lag.set(max(0.0, time.time() - checkpoint.created.timestamp()))
         self.catch_up.update(checkpoint.created, len(pending))
         logger.info("enqueued %d event(s) (keys %d–%d) → %d task(s); checkpoint at event %d",
-                    len(pending), pending[0][0], pending[-1][0],
-                    sum(len(item.pools) for item in batch), checkpoint.key)
+                    len(pending), pending[0].key, pending[-1].key, len(batch), checkpoint.key)
         return True
 
     def _reconnect(self, cause: BaseException) -> None:

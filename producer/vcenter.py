@@ -13,8 +13,8 @@ from urllib.parse import urlsplit
 from pyVim.connect import Disconnect, SmartConnect
 from pyVmomi import vim, vmodl
 
-from vebaq.config import VCenterSettings
-from vebaq.errors import ConfigError, VCenterError
+from vebaq.core.config import VCenterSettings
+from vebaq.core.errors import ConfigError, VCenterError
 
 #: Seconds to wait for vCenter to answer one SOAP call.
 HTTP_TIMEOUT = 60

@@ -20,7 +20,7 @@ import redis
 from hypothesis import settings as hypothesis_settings
 
 from tests.support import Simulator, VCenter, build_vcsim, wait_until
-from vebaq.embedded import EmbeddedRedis, free_port
+from vebaq.devtools.embedded import EmbeddedRedis, free_port
 
 # In CI, property tests draw the same examples every run: a failure there is reproducible.
 hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True)
@@ -141,7 +141,7 @@ def _reap_processes() -> Iterator[None]:
 @pytest.fixture(autouse=True)
 def _fresh_worker_settings() -> Iterator[None]:
     """Worker settings are cached per process; tests that change the env get fresh ones."""
-    from workers.runtime import settings
+    from workers.settings import settings
 
     settings.cache_clear()
     yield

@@ -27,8 +27,8 @@ import redis
 from celery import Celery
 from cloudevents.core.v1.event import CloudEvent
 
-from producer.cloudevent import to_structured
-from workers.app import queue_for
+from vebaq.core.envelope import to_structured
+from vebaq.core.messages import queue_for
 from workers.errors import PermanentError
 from workers.pools import function
 

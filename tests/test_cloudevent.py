@@ -8,16 +8,9 @@ from datetime import UTC, datetime
 import pytest
 from pyVmomi import VmomiSupport, vim
 
-from producer.cloudevent import (
-    ROUTER_TYPES,
-    MalformedEvent,
-    event_classes,
-    event_id,
-    from_structured,
-    pascal,
-    to_cloudevent,
-    to_structured,
-)
+from producer.cloudevent import ROUTER_TYPES, MalformedEvent, event_id, pascal, to_cloudevent
+from vebaq.core.envelope import from_structured, to_structured
+from vebaq.core.subjects import event_classes
 
 CREATED = datetime(2021, 5, 6, 16, 20, 5, 137999, tzinfo=UTC)
 VC_UUID = "6ef4d9e4-4f7b-4c9e-9b3b-0f3c8a1d2e11"

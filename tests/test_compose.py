@@ -34,7 +34,7 @@ import pytest
 import yaml
 
 from tests.support import wait_until
-from vebaq.embedded import free_port
+from vebaq.devtools.embedded import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "compose.yaml"
@@ -155,12 +155,11 @@ def test_worker_node_names_match_the_healthchecks(monkeypatch: pytest.MonkeyPatc
     """What `vebaq worker` really passes to Celery: the node name the healthcheck pings."""
     from click.testing import CliRunner
 
-    import workers
     from vebaq.cli import cli
+    from workers.celery import app
 
     calls: list[list[str]] = []
-    monkeypatch.setattr(workers.app, "worker_main", calls.append)
-    monkeypatch.setattr(workers.app.conf, "broker_url", workers.app.conf.broker_url)
+    monkeypatch.setattr(app, "worker_main", calls.append)
     for name in WORKERS:
         service = services()[name]
         env = {k: interpolate(str(v)) for k, v in service["environment"].items()}
@@ -372,9 +371,9 @@ def test_readme_parser() -> None:
 # --- the demo driver, on the test simulator (fast enough; it needs no Docker)
 
 def test_demo_driver_refuses_what_is_not_a_simulator() -> None:
-    from vebaq.config import VCenterSettings
-    from vebaq.demo import NotASimulator, check_simulator
-    from vebaq.fake_vrops import FakeVrops
+    from vebaq.core.config import VCenterSettings
+    from vebaq.devtools.demo import NotASimulator, check_simulator
+    from vebaq.devtools.fake_vrops import FakeVrops
 
     with FakeVrops() as other, pytest.raises(NotASimulator, match="only drives simulators"):
         check_simulator(VCenterSettings(url=f"{other.url}/sdk"))  # HTTP, but not vcsim
@@ -386,8 +385,8 @@ def test_demo_driver_makes_maintenance_and_power_events(vcsim: str, monkeypatch,
     from pyVmomi import vim
 
     from tests.support import VCenter
-    from vebaq import demo
-    from vebaq.fake_vrops import MAINTAINED, FakeVrops
+    from vebaq.devtools import demo
+    from vebaq.devtools.fake_vrops import MAINTAINED, FakeVrops
 
     monkeypatch.setenv("VCENTER_URL", vcsim)
     monkeypatch.setenv("VCENTER_USER", "demo")

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from producer.routing import DEFAULT_TRIGGERS, Filter, Trigger, parse_filter, route
-from vebaq import config
-from vebaq.errors import ConfigError
-from vebaq.secrets import Secret, redact_url, scrub
+from vebaq.core import config
+from vebaq.core.errors import ConfigError
+from vebaq.core.routing import DEFAULT_TRIGGERS, Filter, Trigger, parse_filter, route
+from vebaq.core.secrets import Secret, redact_url, scrub
 
 POOLS = {"echo", "vrops", "tickets"}
 

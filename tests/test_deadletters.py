@@ -18,9 +18,12 @@ from kombu.exceptions import OperationalError
 
 from tests import flaky_functions as flaky
 from tests.support import Proc, start_worker, wait_until
-from workers import deadletters
-from workers.app import create_app, queue_for
-from workers.deadletters import DeadLettered, NoSuchDeadLetter, NotReplayable
+from vebaq.core import deadletters
+from vebaq.core.errors import NoSuchDeadLetter, NotReplayable
+from vebaq.core.messages import queue_for
+from vebaq.core.publish import Publisher
+from workers.app import create_app
+from workers.retries import DeadLettered
 
 
 class HttpFailure(Exception):
@@ -49,7 +52,7 @@ def add(r: redis.Redis, subject: str = "DoomedEvent", pool: str = "flaky",
 
 @pytest.fixture
 def celery_app(redis_url: str) -> Iterator[Celery]:
-    app = create_app(redis_url)
+    app = create_app(broker_url=redis_url)
     yield app
     app.close()
 
@@ -116,25 +119,26 @@ def test_replay_sends_a_first_attempt_to_the_pool_then_removes_the_record(
         celery_app: Celery, redis_client: redis.Redis) -> None:
     event = flaky.structured_event("DoomedEvent")
     letter_id = add(redis_client, event=event)
-    task_id = deadletters.replay(celery_app, redis_client, letter_id)
+    task_id = deadletters.replay(Publisher(celery_app), redis_client, letter_id)
     [message] = flaky.queued(redis_client, "flaky")
     assert message["headers"]["task"] == "DoomedEvent"
+    assert task_id.startswith(f"{event['id']}:flaky:replay-")
+    assert message["headers"]["id"] == task_id
     assert message["kwargs"] == {"event": event, "pool": "flaky", "functions": ["doomed"]}
-    assert task_id
     assert deadletters.depth(redis_client) == 0 and deadletters.counts(redis_client) == {}
     with pytest.raises(NoSuchDeadLetter):
-        deadletters.replay(celery_app, redis_client, letter_id)
+        deadletters.replay(Publisher(celery_app), redis_client, letter_id)
 
 
 def test_a_replay_the_broker_did_not_take_keeps_the_dead_letter(
         redis_client: redis.Redis) -> None:
     letter_id = add(redis_client)
-    unreachable = create_app("redis://127.0.0.1:1/0")
+    unreachable = create_app(broker_url="redis://127.0.0.1:1/0")
     unreachable.conf.update(task_publish_retry=False,  # fail at once, not after ~6 s
                             broker_transport_options={"max_retries": 1, "interval_start": 0})
     try:
         with pytest.raises(OperationalError):
-            deadletters.replay(unreachable, redis_client, letter_id)
+            deadletters.replay(Publisher(unreachable), redis_client, letter_id)
     finally:
         unreachable.close()
     assert deadletters.get(redis_client, letter_id)["id"] == letter_id
@@ -148,7 +152,7 @@ def test_a_message_that_was_never_a_task_call_is_not_replayable(
                               event={"x": 1}, error=ValueError("no pool"), attempt=1)
     for letter_id in (no_event, no_pool):
         with pytest.raises(NotReplayable, match="purge it"):
-            deadletters.replay(celery_app, redis_client, letter_id)
+            deadletters.replay(Publisher(celery_app), redis_client, letter_id)
     assert deadletters.depth(redis_client) == 2
 
 
@@ -211,7 +215,7 @@ def test_poison_messages_are_dead_lettered_and_the_worker_keeps_going(
     assert errors[3].startswith("PoisonMessage: invalid CloudEvent")
     assert errors[4] == "PoisonMessage: event must be a structured CloudEvent, got int"
     assert errors[5] == "PoisonMessage: attempt must be a whole number ≥ 1, got 'two'"
-    assert errors[6].startswith("TypeError: _run_event()")
+    assert errors[6].startswith("PoisonMessage: a vebaq task takes keyword arguments only")
     assert errors[7].startswith("DecodeError:")
     assert errors[8] == "PoisonMessage: not a Celery task message (no task headers)"
     assert [r["event"] for r in letters[1:3]] == [good, good]

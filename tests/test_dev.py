@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import ROOT, wait_until
-from vebaq.embedded import free_port
+from vebaq.devtools.embedded import free_port
 
 pytestmark = pytest.mark.slow
 

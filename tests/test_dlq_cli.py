@@ -15,7 +15,8 @@ from click.testing import CliRunner, Result
 from tests import flaky_functions as flaky
 from tests.support import ROOT
 from vebaq.cli import cli
-from workers import deadletters, scheduler
+from vebaq.core import deadletters, retrystore
+from vebaq.core.messages import TaskMessage
 
 
 @pytest.fixture
@@ -143,7 +144,7 @@ def test_replay_refuses_what_it_cannot_send(runner: CliRunner,
 
 def test_replaying_many_shows_progress(runner: CliRunner, redis_client: redis.Redis,
                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("vebaq.progress.LOG_INTERVAL", 0.0)  # a line per replay, not per 5 s
+    monkeypatch.setattr("vebaq.core.progress.LOG_INTERVAL", 0.0)  # a line per replay, not per 5 s
     for _ in range(250):
         add(redis_client)
     result = dlq(runner, "replay", "--all")
@@ -178,9 +179,8 @@ def test_stats_counts_per_subject_and_pool(runner: CliRunner, redis_client: redi
     for _ in range(2):
         add(redis_client)
     add(redis_client, "OtherEvent", "echo")
-    scheduler.schedule(redis_client, task_name="FlakyEvent", event={}, pool="flaky",
-                       functions=["flaky"], attempt=2, delay=60, first_failed_at=0,
-                       last_error="x")
+    retrystore.schedule(redis_client, TaskMessage("FlakyEvent", {}, "flaky", 2, ("flaky",)),
+                        delay=60, last_error="x")
 
     lines = dlq(runner, "stats").output.splitlines()
     assert [line.split() for line in lines] == [

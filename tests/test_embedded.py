@@ -6,7 +6,7 @@ import contextlib
 
 import redis
 
-from vebaq.embedded import EmbeddedRedis
+from vebaq.devtools.embedded import EmbeddedRedis
 
 
 def test_scripts_and_error_replies_keep_the_connection() -> None:

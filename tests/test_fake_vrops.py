@@ -8,7 +8,7 @@ import time
 import pytest
 import requests
 
-from vebaq.fake_vrops import (
+from vebaq.devtools.fake_vrops import (
     MAINTAINED,
     MAINTAINED_DELETE,
     MAINTAINED_PUT,

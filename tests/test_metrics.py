@@ -11,8 +11,8 @@ import redis
 from pyVmomi import vim
 
 from tests.support import Proc, VCenter, vebaq_argv, wait_until
-from vebaq.embedded import free_port
-from workers import deadletters
+from vebaq.core import deadletters
+from vebaq.devtools.embedded import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -59,7 +59,7 @@ def test_catch_up_progress_is_logged(caplog: pytest.LogCaptureFixture,
 
     from producer.service import CatchUp
 
-    monkeypatch.setattr("vebaq.progress.LOG_INTERVAL", 0.0)
+    monkeypatch.setattr("vebaq.core.progress.LOG_INTERVAL", 0.0)
     caplog.set_level("INFO", logger="vebaq.producer")
     now = datetime.now(UTC)
     tracker = CatchUp()

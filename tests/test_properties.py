@@ -11,15 +11,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pyVmomi import vim
 
-from producer.cloudevent import (
-    MalformedEvent,
-    event_classes,
-    from_structured,
-    to_cloudevent,
-    to_structured,
-)
-from vebaq import config
-from vebaq.errors import ConfigError
+from producer.cloudevent import MalformedEvent, to_cloudevent
+from vebaq.core import config
+from vebaq.core.envelope import from_structured, to_structured
+from vebaq.core.errors import ConfigError
+from vebaq.core.subjects import event_classes
 
 EVENT_CLASSES = event_classes()
 texts = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=200)
@@ -128,9 +124,9 @@ def test_any_task_payload_is_either_a_cloudevent_for_a_pool_or_poison(event: obj
 
     load_functions()
     try:
-        cloudevent, parsed_pool = parse_message(event, pool)
+        message, cloudevent = parse_message("GeneralUserEvent", {"event": event, "pool": pool})
     except PoisonMessage as exc:
         assert str(exc) and "\n" not in str(exc)  # dead-lettered with a one-line reason
         return
-    assert parsed_pool == pool == "echo"
+    assert message.pool == pool == "echo"
     assert cloudevent.get_id() and cloudevent.get_source() and cloudevent.get_type()

@@ -23,7 +23,7 @@ from tests.support import (
     vebaq_argv,
     wait_until,
 )
-from vebaq.embedded import free_port
+from vebaq.devtools.embedded import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -19,22 +19,24 @@ import redis
 from cloudevents.core.v1.event import CloudEvent
 from pyVmomi import vim
 
-from producer.cloudevent import event_id, to_structured
-from producer.publisher import Outgoing, Publisher
+from producer.cloudevent import event_id
 from tests import counting_functions as counting
 from tests.support import VCenter, start_producer, start_worker, wait_until
-from vebaq.embedded import free_port
+from vebaq.core.envelope import to_structured
+from vebaq.core.messages import TaskMessage
+from vebaq.core.publish import Publisher
+from vebaq.devtools.embedded import free_port
 from workers.app import create_app
 
 pytestmark = pytest.mark.slow
 
 
-def outgoing(pool: str = "count") -> Outgoing:
+def outgoing(pool: str = "count") -> TaskMessage:
     event = to_structured(CloudEvent({
         "id": str(uuid.uuid4()), "source": "https://vcenter.test/sdk",
         "type": "com.vmware.event.router/event", "subject": "GeneralUserEvent",
         "datacontenttype": "application/json"}, {"Message": "fault test"}))
-    return Outgoing("GeneralUserEvent", event["id"], event, (pool,))
+    return TaskMessage("GeneralUserEvent", event, pool)
 
 
 def counting_env(stack_env: dict[str, str], **extra: str) -> dict[str, str]:
@@ -64,7 +66,7 @@ def test_kill_9_workers_during_a_thousand_events(stack_env: dict[str, str], log_
     workers = [start_worker("count", env, log_dir, concurrency=2, name=f"count-{i}")
                for i in range(2)]
     batch = [outgoing() for _ in range(1000)]
-    Publisher(create_app(env["VEBAQ_BROKER_URL"])).publish(batch)
+    Publisher(create_app(broker_url=env["VEBAQ_BROKER_URL"])).publish(batch)
     rng = random.Random(9)
     retired = []
     for kill in range(3):
@@ -167,7 +169,7 @@ def test_sigterm_lets_running_tasks_finish_and_returns_the_rest(
     env = counting_env(stack_env, VEBAQ_TEST_WORK="1.5")
     worker = start_worker("count", env, log_dir, concurrency=2, name="count-graceful")
     batch = [outgoing() for _ in range(8)]
-    Publisher(create_app(env["VEBAQ_BROKER_URL"])).publish(batch)
+    Publisher(create_app(broker_url=env["VEBAQ_BROKER_URL"])).publish(batch)
     wait_until(lambda: len(redis_client.hkeys(counting.RUNS)) >= 2, 30, "two tasks running")
     assert worker.stop(timeout=30) == 0  # warm shutdown
     running_then = len(redis_client.hkeys(counting.RUNS))

@@ -19,12 +19,14 @@ from celery.exceptions import Reject, Retry
 
 from tests import flaky_functions as flaky
 from tests.support import Proc, start_worker, wait_until
-from vebaq.config import RetryPolicy
-from workers import deadletters, execution, retries, scheduler
+from vebaq.core import deadletters, keys, retrystore
+from vebaq.core.config import RetryPolicy
+from vebaq.core.messages import TaskMessage
+from vebaq.core.publish import Publisher
+from workers import execution, retries, scheduler
 from workers.app import create_app
-from workers.deadletters import DeadLettered
 from workers.errors import PermanentError
-from workers.retries import Failure
+from workers.retries import DeadLettered, Failure
 
 #: The fast policy the worker tests configure (retry: 3, backoffDelay: 0.2s, maxDelay: 1s).
 FAST = RetryPolicy(max_retries=3, initial_delay=0.2, max_delay=1.0)
@@ -45,9 +47,18 @@ def fake_task(name: str = "FlakyEvent") -> Any:
 
 @pytest.fixture
 def celery_app(redis_url: str) -> Iterator[Celery]:
-    app = create_app(redis_url)
+    app = create_app(broker_url=redis_url)
     yield app
     app.close()
+
+
+def first_delivery(event: dict[str, Any]) -> TaskMessage:
+    return TaskMessage("FlakyEvent", event, "flaky")
+
+
+def retry_of(event: dict[str, Any], attempt: int = 2) -> TaskMessage:
+    """A retry of the ``flaky`` function for ``event``."""
+    return TaskMessage("FlakyEvent", event, "flaky", attempt, ("flaky",), first_failed_at=123.0)
 
 
 def start_flaky_worker(env: dict[str, str], log_dir: Path, name: str = "worker-flaky") -> Proc:
@@ -65,10 +76,14 @@ def flaky_worker(redis_url: str, tmp_path: Path, log_dir: Path) -> Iterator[Proc
 # --- the policy
 
 
-def test_the_delay_is_the_back_off_or_the_servers_retry_after_if_longer() -> None:
+def test_the_delay_is_the_back_off_or_the_servers_capped_retry_after_if_longer() -> None:
     policy = RetryPolicy(max_retries=5, initial_delay=1.0, max_delay=600.0, jitter=False)
     assert retries.retry_delay(policy, 3, [ValueError()]) == 4.0
     assert retries.retry_delay(policy, 1, [Throttled(30)]) == 30.0
+    # A server's Retry-After is capped (maxRetryAfter, an hour by default).
+    assert retries.retry_delay(policy, 1, [Throttled(10 ** 9)]) == 3600.0
+    capped = RetryPolicy(max_retries=5, initial_delay=1.0, max_retry_after=60.0, jitter=False)
+    assert retries.retry_delay(capped, 1, [Throttled(10 ** 9)]) == 60.0
     assert retries.retry_delay(policy, 3, [Throttled(2)]) == 4.0
     assert retries.retry_delay(policy, 1, [Throttled(None)]) == 1.0
     jittered = RetryPolicy(max_retries=5, initial_delay=1.0, max_delay=600.0)
@@ -80,20 +95,19 @@ def test_a_retryable_failure_becomes_a_retry_in_redis(redis_client: redis.Redis)
     policy = RetryPolicy(max_retries=3, initial_delay=0.2, max_delay=1.0, jitter=False)
     before = time.time()
     with pytest.raises(Retry) as raised:
-        retries.handle_failures(fake_task(), redis_client, event, "flaky",
-                                [Failure("flaky", ValueError("boom"))], attempt=1,
-                                event_id=event["id"], policy=policy)
+        retries.handle_failures(fake_task(), redis_client, first_delivery(event),
+                                [Failure("flaky", ValueError("boom"))], policy=policy)
     assert "flaky failed (attempt 1 of 4)" in str(raised.value)
     assert "ValueError: boom" in str(raised.value)
 
-    [(retry_id, raw)] = redis_client.hgetall(scheduler.RECORDS).items()
+    [(retry_id, raw)] = redis_client.hgetall(keys.RETRIES_RECORDS).items()
     record = json.loads(raw)
     assert record["event"] == event and record["pool"] == "flaky"
     assert record["task"] == "FlakyEvent" and record["functions"] == ["flaky"]
     assert record["attempt"] == 2 and record["delay"] == 0.2
     assert record["last_error"] == "ValueError: boom"
     assert before <= record["first_failed_at"] <= time.time()
-    assert redis_client.zscore(scheduler.DUE, retry_id) is not None
+    assert redis_client.zscore(keys.RETRIES_DUE, retry_id) is not None
     assert deadletters.depth(redis_client) == 0
 
 
@@ -101,9 +115,10 @@ def test_the_last_attempt_and_a_permanent_error_are_dead_lettered(
         redis_client: redis.Redis) -> None:
     event = flaky.structured_event("FlakyEvent", {"fail_times": 9})
     with pytest.raises(DeadLettered) as raised:
-        retries.handle_failures(fake_task(), redis_client, event, "flaky",
-                                [Failure("flaky", ValueError("still broken"))], attempt=4,
-                                first_failed_at=1000.0, policy=FAST)
+        retries.handle_failures(fake_task(), redis_client,
+                                TaskMessage("FlakyEvent", event, "flaky", 4,
+                                            first_failed_at=1000.0),
+                                [Failure("flaky", ValueError("still broken"))], policy=FAST)
     [letter_id] = raised.value.letter_ids
     assert str(raised.value) == (f"dead letter {letter_id}: flaky: ValueError: still broken")
     letter = deadletters.get(redis_client, letter_id)
@@ -111,10 +126,9 @@ def test_the_last_attempt_and_a_permanent_error_are_dead_lettered(
     assert letter["task_id"] == "task-1" and letter["event"] == event
 
     with pytest.raises(DeadLettered):
-        retries.handle_failures(fake_task(), redis_client, event, "flaky",
-                                [Failure("flaky", PermanentError("bad request"))], attempt=1,
-                                policy=FAST)
-    assert scheduler.pending(redis_client) == 0
+        retries.handle_failures(fake_task(), redis_client, first_delivery(event),
+                                [Failure("flaky", PermanentError("bad request"))], policy=FAST)
+    assert retrystore.pending(redis_client) == 0
     assert deadletters.depth(redis_client) == 2
 
 
@@ -122,13 +136,13 @@ def test_one_message_can_dead_letter_a_function_and_retry_another(
         redis_client: redis.Redis) -> None:
     event = flaky.structured_event("FlakyEvent", {"fail_times": 1})
     with pytest.raises(DeadLettered) as raised:
-        retries.handle_failures(fake_task(), redis_client, event, "flaky",
+        retries.handle_failures(fake_task(), redis_client, first_delivery(event),
                                 [Failure("a", PermanentError("no")), Failure("b", Throttled(5))],
-                                attempt=1, policy=FAST)
+                                policy=FAST)
     assert "dead letter" in str(raised.value) and "retry" in str(raised.value)
     [letter] = deadletters.list_letters(redis_client)
     assert letter["function"] == "a"
-    [raw] = redis_client.hvals(scheduler.RECORDS)
+    [raw] = redis_client.hvals(keys.RETRIES_RECORDS)
     record = json.loads(raw)
     assert record["functions"] == ["b"] and record["delay"] == 5.0  # Retry-After wins
 
@@ -138,7 +152,7 @@ def test_when_redis_fails_the_message_goes_back_to_its_queue() -> None:
                            app=SimpleNamespace(conf=SimpleNamespace(
                                broker_url="redis://127.0.0.1:1/0")))
     with pytest.raises(Reject) as raised:  # not acked as a failure: rejected and requeued
-        execution.handle(task, flaky.structured_event("GoodEvent"), "flaky", {})
+        execution.handle(task, {"event": flaky.structured_event("GoodEvent"), "pool": "flaky"})
     assert raised.value.requeue and "ConnectionError" in str(raised.value.reason)
 
 
@@ -149,7 +163,8 @@ def test_a_retry_of_a_function_that_is_gone_is_dead_lettered(
                            app=SimpleNamespace(conf=SimpleNamespace(broker_url=redis_url)))
     event = flaky.structured_event("GoodEvent")
     with pytest.raises(DeadLettered):
-        execution.handle(task, event, "flaky", {"attempt": 2, "functions": ["good", "renamed"]})
+        execution.handle(task, {"event": event, "pool": "flaky", "attempt": 2,
+                                "functions": ["good", "renamed"]})
     [letter] = deadletters.list_letters(redis_client)
     assert letter["function"] == "renamed" and letter["exception"] == "PermanentError"
     assert letter["error"] == "no function 'renamed' handles GoodEvent in pool 'flaky' any more"
@@ -161,17 +176,16 @@ def test_a_retry_of_a_function_that_is_gone_is_dead_lettered(
 
 def test_claims_are_exclusive_between_concurrent_schedulers(redis_url: str,
                                                             redis_client: redis.Redis) -> None:
-    scheduled = {scheduler.schedule(redis_client, task_name="FlakyEvent", event={}, pool="flaky",
-                                    functions=["flaky"], attempt=2, delay=0, first_failed_at=0,
-                                    last_error="x")[0] for _ in range(300)}
+    scheduled = {retrystore.schedule(redis_client, retry_of({}), delay=0, last_error="x")[0]
+                 for _ in range(300)}
     claimed: list[str] = []
     lock = threading.Lock()
 
     def claimer() -> None:
         r = redis.Redis.from_url(redis_url)
-        while batch := scheduler.claim(r, limit=7):
+        while batch := retrystore.claim(r, limit=7):
             with lock:
-                claimed.extend(retry_id for retry_id, _ in batch)
+                claimed.extend(retry.id for retry in batch)
 
     threads = [threading.Thread(target=claimer) for _ in range(4)]
     for thread in threads:
@@ -182,36 +196,30 @@ def test_claims_are_exclusive_between_concurrent_schedulers(redis_url: str,
 
 
 def test_an_expired_claim_is_given_back_and_claimed_again(redis_client: redis.Redis) -> None:
-    retry_id, _ = scheduler.schedule(redis_client, task_name="FlakyEvent", event={},
-                                     pool="flaky", functions=["flaky"], attempt=2, delay=0,
-                                     first_failed_at=0, last_error="x")
-    assert [i for i, _ in scheduler.claim(redis_client)] == [retry_id]
-    assert scheduler.claim(redis_client) == []  # held by a live claim
-    assert scheduler.pending(redis_client) == 1
+    retry_id, _ = retrystore.schedule(redis_client, retry_of({}), delay=0, last_error="x")
+    assert [retry.id for retry in retrystore.claim(redis_client)] == [retry_id]
+    assert retrystore.claim(redis_client) == []  # held by a live claim
+    assert retrystore.pending(redis_client) == 1
 
     # The claimer died before sending: once its lease ran out, the next sweep takes it back.
-    redis_client.zadd(scheduler.CLAIMED, {retry_id: 0})
-    [(again, record)] = scheduler.claim(redis_client)
-    assert again == retry_id and record["attempt"] == 2
+    redis_client.zadd(keys.RETRIES_CLAIMED, {retry_id: 0})
+    [again] = retrystore.claim(redis_client)
+    assert again.id == retry_id and again.message.attempt == 2
 
 
 def test_a_sweep_sends_what_is_due_to_the_pools_queue(celery_app: Celery,
                                                       redis_client: redis.Redis) -> None:
     event = flaky.structured_event("FlakyEvent", {"fail_times": 1})
-    scheduler.schedule(redis_client, task_name="FlakyEvent", event=event, pool="flaky",
-                       functions=["flaky"], attempt=2, delay=0, first_failed_at=123.0,
-                       last_error="x", event_id=event["id"])
-    scheduler.schedule(redis_client, task_name="FlakyEvent", event=event, pool="flaky",
-                       functions=["flaky"], attempt=3, delay=3600, first_failed_at=123.0,
-                       last_error="x", event_id=event["id"])
-    assert scheduler.sweep(celery_app, redis_client) == 1
+    retrystore.schedule(redis_client, retry_of(event, attempt=2), delay=0, last_error="x")
+    retrystore.schedule(redis_client, retry_of(event, attempt=3), delay=3600, last_error="x")
+    assert scheduler.sweep(Publisher(celery_app), redis_client) == 1
     [message] = flaky.queued(redis_client, "flaky")
     assert message["headers"]["task"] == "FlakyEvent"
     assert message["headers"]["id"] == f"{event['id']}:flaky:attempt2"
     assert message["kwargs"] == {"event": event, "pool": "flaky", "attempt": 2,
                                  "functions": ["flaky"], "first_failed_at": 123.0}
-    assert scheduler.pending(redis_client) == 1  # the one due in an hour
-    assert redis_client.hlen(scheduler.RECORDS) == 1
+    assert retrystore.pending(redis_client) == 1  # the one due in an hour
+    assert redis_client.hlen(keys.RETRIES_RECORDS) == 1
 
 
 # --- real workers
@@ -227,7 +235,7 @@ def succeeded(r: redis.Redis, function: str) -> list[str]:
 def settled(r: redis.Redis) -> bool:
     """Nothing queued, unacked or scheduled any more."""
     return (r.llen("flaky") == 0 and r.hlen("unacked") == 0
-            and scheduler.pending(r) == 0)
+            and retrystore.pending(r) == 0)
 
 
 class TaskEvents:
@@ -312,7 +320,7 @@ def test_replay_after_fixing_the_cause_completes_the_event(
     [letter] = deadletters.list_letters(redis_client)
 
     redis_client.set(flaky.FIXED, 1)  # the operator fixes the downstream service
-    deadletters.replay(celery_app, redis_client, letter["id"])
+    deadletters.replay(Publisher(celery_app), redis_client, letter["id"])
     assert deadletters.depth(redis_client) == 0
 
     wait_until(lambda: succeeded(redis_client, "doomed") == [event["id"]], 30, "the replay")
@@ -329,7 +337,7 @@ def test_a_retry_survives_killing_the_worker_during_its_back_off(
     env = flaky.worker_env(redis_url, tmp_path, retry=2, backoffDelay="3s", jitter="false")
     worker = start_flaky_worker(env, log_dir)
     event = flaky.send(celery_app, "FlakyEvent", {"fail_times": 1})
-    wait_until(lambda: redis_client.zcard(scheduler.DUE) == 1, 30, "the retry to be scheduled")
+    wait_until(lambda: redis_client.zcard(keys.RETRIES_DUE) == 1, 30, "the retry to be scheduled")
     worker.wait_for(r"retry: flaky failed \(attempt 1 of 3\)")
     wait_until(lambda: redis_client.hlen("unacked") == 0, 10, "the failed message to be acked")
 
@@ -337,7 +345,7 @@ def test_a_retry_survives_killing_the_worker_during_its_back_off(
     worker.popen.wait(10)
     worker.stop()
     assert calls(redis_client, "flaky", event) == 1
-    assert scheduler.pending(redis_client) == 1  # the retry is in Redis, not in a dead process
+    assert retrystore.pending(redis_client) == 1  # the retry is in Redis, not in a dead process
 
     again = start_flaky_worker(env, log_dir, name="worker-flaky-again")
     try:
@@ -346,5 +354,5 @@ def test_a_retry_survives_killing_the_worker_during_its_back_off(
     finally:
         again.stop()
     assert calls(redis_client, "flaky", event) == 2
-    assert scheduler.pending(redis_client) == 0
+    assert retrystore.pending(redis_client) == 0
     assert deadletters.depth(redis_client) == 0

@@ -26,9 +26,9 @@ from tests.support import (
     start_worker,
     wait_until,
 )
-from vebaq.embedded import free_port
-from vebaq.fake_vrops import FakeVrops
-from workers import deadletters
+from vebaq.core import deadletters
+from vebaq.devtools.embedded import free_port
+from vebaq.devtools.fake_vrops import FakeVrops
 
 pytestmark = pytest.mark.slow
 

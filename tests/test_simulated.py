@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from producer.cloudevent import to_cloudevent, to_structured
+from producer.cloudevent import to_cloudevent
 from producer.reader import SeenKeys
 from producer.simulated import SIMULATED_URL, SIMULATED_UUID, SimulatedReader
+from vebaq.core.envelope import to_structured
 
 
 def test_a_backlog_comes_in_pages_of_real_events_with_increasing_keys() -> None:

@@ -7,8 +7,9 @@ import time
 
 import pytest
 
-from vebaq.config import VropsSettings
-from vebaq.fake_vrops import (
+from vebaq.core.config import VropsSettings
+from vebaq.core.secrets import Secret
+from vebaq.devtools.fake_vrops import (
     MAINTAINED,
     MAINTAINED_DELETE,
     MAINTAINED_PUT,
@@ -17,7 +18,6 @@ from vebaq.fake_vrops import (
     TOKEN_ACQUIRE,
     FakeVrops,
 )
-from vebaq.secrets import Secret
 from workers.errors import PermanentError
 from workers.vrops_client import (
     VropsClient,

@@ -19,8 +19,8 @@ from tests.support import (
     start_worker,
     wait_until,
 )
-from vebaq.fake_vrops import DEFAULT_PASSWORD, DEFAULT_USERNAME, FakeVrops
-from workers import deadletters, scheduler
+from vebaq.core import deadletters, retrystore
+from vebaq.devtools.fake_vrops import DEFAULT_PASSWORD, DEFAULT_USERNAME, FakeVrops
 
 pytestmark = pytest.mark.slow
 
@@ -90,7 +90,7 @@ def test_fifty_hosts_four_workers_twenty_percent_failures_converge(
 
     def converged() -> bool:
         actual = {moref: fake.host_state(moref, vc.instance_uuid) for moref in expected}
-        return actual == expected and scheduler.pending(redis_client) == 0 \
+        return actual == expected and retrystore.pending(redis_client) == 0 \
             and redis_client.llen("vrops") == 0
 
     wait_until(converged, 180, "every host to reach vCenter's latest state in vROps", 0.5)

@@ -17,8 +17,8 @@ import pytest
 import redis
 from cloudevents.core.v1.event import CloudEvent
 
-import workers.runtime
-from vebaq.fake_vrops import MAINTAINED, STARTED, FakeVrops
+import workers.settings
+from vebaq.devtools.fake_vrops import MAINTAINED, STARTED, FakeVrops
 from workers.errors import PermanentError
 from workers.functions import vrops
 from workers.pools import POOLS
@@ -50,7 +50,7 @@ def fake(r, monkeypatch):
     with FakeVrops(hosts, username="admin", password=PASSWORD) as server:
         configure(monkeypatch, server.url)
         yield server
-    workers.runtime.settings.cache_clear()
+    workers.settings.settings.cache_clear()
     vrops.reset_clients()
 
 
@@ -64,7 +64,7 @@ def configure(monkeypatch, url: str | None) -> None:
         monkeypatch.delenv("VROPS_URL", raising=False)
     monkeypatch.setenv("VROPS_USER", "admin")
     monkeypatch.setenv("VROPS_PASSWORD", PASSWORD)
-    workers.runtime.settings.cache_clear()
+    workers.settings.settings.cache_clear()
     vrops.reset_clients()
 
 
@@ -174,7 +174,7 @@ def test_missing_vrops_url_says_what_to_set(r, monkeypatch):
         with pytest.raises(PermanentError, match="VROPS_URL"):
             run(enter("esx01", "host-19", VC_A, 1, T0))
     finally:
-        workers.runtime.settings.cache_clear()
+        workers.settings.settings.cache_clear()
 
 
 def test_two_workers_racing_on_one_host_end_in_the_latest_state(fake):
@@ -198,7 +198,7 @@ def test_two_workers_racing_on_one_host_end_in_the_latest_state(fake):
 def test_newer_event_overtaking_an_expired_lock_is_reasserted(fake, monkeypatch, caplog):
     monkeypatch.setattr(vrops, "CALLS_UNDER_LOCK", 0)
     monkeypatch.setattr(vrops, "LOCK_SLACK", 0.05)  # the lock expires during the slow call
-    client = vrops.client(workers.runtime.settings().vrops)
+    client = vrops.client(workers.settings.settings().vrops)
     newer = leave("esx01", "host-19", VC_A, 2, T0 + timedelta(seconds=1))
     real_mark_host = client.mark_host
     overtaken: list[str] = []

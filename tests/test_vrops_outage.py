@@ -12,9 +12,9 @@ import pytest
 import redis
 
 from tests.support import ROOT, VCenter, start_producer, start_worker, wait_until
-from vebaq.embedded import free_port
-from vebaq.fake_vrops import DEFAULT_PASSWORD, DEFAULT_USERNAME, FakeVrops
-from workers import deadletters, scheduler
+from vebaq.core import deadletters, retrystore
+from vebaq.devtools.embedded import free_port
+from vebaq.devtools.fake_vrops import DEFAULT_PASSWORD, DEFAULT_USERNAME, FakeVrops
 
 pytestmark = pytest.mark.slow
 
@@ -61,7 +61,7 @@ def test_vrops_outage_dead_letters_then_replay_converges(stack_env: dict[str, st
     try:
         replay_all(env)
         wait_until(lambda: deadletters.depth(redis_client) == changes
-                   and scheduler.pending(redis_client) == 0, 60,
+                   and retrystore.pending(redis_client) == 0, 60,
                    "the replayed events dead-lettered again while vROps answers 503", 0.3)
         assert fake.injected["5xx"] >= changes
 

@@ -1,6 +1,6 @@
 """The ``vebaq`` command: ``producer``, ``worker``, ``dev`` and friends.
 
-Every :class:`~vebaq.errors.VebaqError` ends the command with one line on stderr and the
+Every :class:`~vebaq.core.errors.VebaqError` ends the command with one line on stderr and the
 error's exit status; no traceback, no secret.
 """
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 from functools import cached_property
@@ -15,21 +16,30 @@ from typing import TYPE_CHECKING
 
 import click
 
-from vebaq import config
-from vebaq.errors import BrokerError, VebaqError, one_line
-from vebaq.progress import Progress
-from vebaq.secrets import redact_url, scrub
+from vebaq.core import config, deadletters, retrystore
+from vebaq.core.errors import (
+    BrokerError,
+    NoSuchDeadLetter,
+    NotReplayable,
+    VebaqError,
+    error_line,
+    one_line,
+)
+from vebaq.core.progress import Progress
+from vebaq.core.secrets import redact_url
 
 if TYPE_CHECKING:
     import redis
-    from celery import Celery
+
+    from vebaq.core.publish import Publisher
 
 logger = logging.getLogger("vebaq")
 
 
 def load_settings(path: str | None) -> config.Settings:
-    """Settings with triggers checked against the pools that really exist."""
-    from workers.runtime import load_settings as load
+    """Settings with triggers checked against the pools the function modules register (the
+    producer too: a trigger naming a pool no worker serves would fill a queue nobody reads)."""
+    from workers.settings import load_settings as load
 
     return load(path)
 
@@ -55,7 +65,7 @@ def cli() -> None:
 def producer(config_path: str | None, metrics_port: int, log_level: str, simulate: bool,
              rate: float, backlog: int) -> None:
     """Read vCenter events and enqueue them to the worker pools."""
-    from vebaq import logs
+    from vebaq.core import logs
 
     settings = load_settings(config_path)
     logs.setup(log_level, settings.secrets())
@@ -89,15 +99,18 @@ def producer(config_path: str | None, metrics_port: int, log_level: str, simulat
 def worker(pools: tuple[str, ...], concurrency: int | None, pool_impl: str | None,
            config_path: str | None, celery_args: tuple[str, ...]) -> None:
     """Run a Celery worker for POOL(s); extra arguments go to ``celery worker``."""
-    settings = load_settings(config_path)
+    if config_path:  # the worker app (and its prefork children) read it from there
+        os.environ["VEBAQ_CONFIG"] = config_path
     from workers.pools import POOLS
+    from workers.settings import settings
+
+    settings()  # once per process: the worker app below uses the same
 
     unknown = [p for p in pools if p not in POOLS]
     if unknown:
         raise VebaqError(f"--pool: unknown pool {unknown[0]!r} (known: {', '.join(sorted(POOLS))})")
-    from workers import app
+    from workers.celery import app
 
-    app.conf.broker_url = settings.broker_url
     argv = ["worker", "-Q", ",".join(pools), "-n", f"{'+'.join(pools)}@%h",
             "--loglevel", "INFO", "-E"]
     if concurrency:
@@ -119,7 +132,7 @@ def worker(pools: tuple[str, ...], concurrency: int | None, pool_impl: str | Non
 def dev(pools: tuple[str, ...], simulate: bool | None, rate: float, flower_port: int,
         metrics_port: int) -> None:
     """Run the whole pipeline in one terminal: broker, producer, workers, Flower."""
-    from vebaq import dev as dev_mode
+    from vebaq.devtools import dev as dev_mode
 
     load_settings(None)  # refuse a bad config before starting anything
     sys.exit(dev_mode.run(pools, simulate, rate, flower_port, metrics_port))
@@ -178,10 +191,11 @@ class DeadLetterStore:
                                     socket_timeout=30)
 
     @cached_property
-    def app(self) -> Celery:
-        from workers.app import create_app
+    def publisher(self) -> Publisher:
+        from vebaq.core.broker import sender_app
+        from vebaq.core.publish import Publisher
 
-        return create_app(self.settings.broker_url)
+        return Publisher(sender_app(self.settings, "vebaq-dlq"))
 
     @property
     def pools(self) -> set[str]:
@@ -196,9 +210,10 @@ class DeadLetterStore:
         return redact_url(settings.broker_url) if settings else "(not configured yet)"
 
     def close(self) -> None:
-        for made in ("app", "redis"):
-            if made in self.__dict__:
-                self.__dict__[made].close()
+        if "publisher" in self.__dict__:
+            self.__dict__["publisher"].app.close()
+        if "redis" in self.__dict__:
+            self.__dict__["redis"].close()
 
 
 def _age(seconds: float) -> str:
@@ -217,11 +232,6 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
 
 def _cell(value: object) -> str:
     return "-" if value is None or value == "" else str(value)
-
-
-def _one_line(text: str, width: int) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= width else text[:width - 1] + "…"
 
 
 #: Characters of the error shown by ``dlq list``.
@@ -251,8 +261,6 @@ def dlq_list(store: DeadLetterStore, as_json: bool, subject: str | None,
     """List the dead letters, oldest first."""
     import time
 
-    from workers import deadletters
-
     letters = deadletters.list_letters(store.redis, subject=subject, pool=pool)
     if as_json:
         click.echo(json.dumps(letters, indent=2, ensure_ascii=False))
@@ -262,7 +270,7 @@ def dlq_list(store: DeadLetterStore, as_json: bool, subject: str | None,
         return
     now = time.time()
     rows = [(rec["id"], _cell(rec.get("task")), _cell(rec.get("pool")), _cell(rec.get("attempts")),
-             _one_line(f"{rec.get('exception')}: {rec.get('error')}", LIST_ERROR_WIDTH),
+             one_line(f"{rec.get('exception')}: {rec.get('error')}", LIST_ERROR_WIDTH),
              _age(now - float(rec.get("last_failed_at") or rec.get("failed_at") or now)))
             for rec in letters]
     click.echo(_table(("ID", "SUBJECT", "POOL", "ATTEMPTS", "LAST ERROR", "AGE"), rows))
@@ -273,8 +281,6 @@ def dlq_list(store: DeadLetterStore, as_json: bool, subject: str | None,
 @click.pass_obj
 def dlq_show(store: DeadLetterStore, letter_id: str) -> None:
     """Print one dead letter as JSON (CloudEvent, error, traceback)."""
-    from workers import deadletters
-
     click.echo(json.dumps(deadletters.get(store.redis, letter_id), indent=2,
                           ensure_ascii=False))
 
@@ -291,8 +297,6 @@ def dlq_replay(store: DeadLetterStore, letter_id: str | None, replay_all: bool,
 
     Each goes as a first attempt of the function that failed, and its record is deleted once
     the broker has the message."""
-    from workers import deadletters
-
     if bool(letter_id) == replay_all:
         raise click.UsageError("give one dead letter ID, or --all")
     if not replay_all and (subject or pool):
@@ -301,10 +305,10 @@ def dlq_replay(store: DeadLetterStore, letter_id: str | None, replay_all: bool,
 
     def replay(record: dict) -> None:
         if record.get("pool") not in pools:
-            raise deadletters.NotReplayable(
+            raise NotReplayable(
                 f"dead letter {record['id']}: pool {record.get('pool')!r} is not a pool of this "
                 f"configuration (known: {', '.join(sorted(pools))})")
-        deadletters.replay(store.app, r, record["id"])
+        deadletters.replay(store.publisher, r, record["id"])
 
     if letter_id:
         replay(deadletters.get(r, letter_id))
@@ -316,9 +320,9 @@ def dlq_replay(store: DeadLetterStore, letter_id: str | None, replay_all: bool,
     for record in letters:
         try:
             replay(record)
-        except deadletters.NoSuchDeadLetter:
+        except NoSuchDeadLetter:
             continue  # replayed or purged meanwhile
-        except deadletters.NotReplayable as exc:
+        except NotReplayable as exc:
             skipped.append(str(exc))
             continue
         replayed += 1
@@ -336,8 +340,6 @@ def dlq_replay(store: DeadLetterStore, letter_id: str | None, replay_all: bool,
 @click.pass_obj
 def dlq_purge(store: DeadLetterStore, letter_ids: tuple[str, ...], yes: bool) -> None:
     """Delete the given dead letters, or all of them, for good."""
-    from workers import deadletters
-
     count = len(letter_ids) if letter_ids else deadletters.depth(store.redis)
     if count == 0:
         click.echo("no dead letters")
@@ -353,10 +355,8 @@ def dlq_purge(store: DeadLetterStore, letter_ids: tuple[str, ...], yes: bool) ->
 @click.pass_obj
 def dlq_stats(store: DeadLetterStore, as_json: bool) -> None:
     """Dead letters per subject and pool, and retries waiting."""
-    from workers import deadletters, scheduler
-
     counts = sorted(deadletters.counts(store.redis).items(), key=lambda kv: (-kv[1], str(kv[0])))
-    depth, pending = deadletters.depth(store.redis), scheduler.pending(store.redis)
+    depth, pending = deadletters.depth(store.redis), retrystore.pending(store.redis)
     if as_json:
         click.echo(json.dumps({
             "depth": depth, "retries_pending": pending,
@@ -367,11 +367,6 @@ def dlq_stats(store: DeadLetterStore, as_json: bool) -> None:
                           [(_cell(s), _cell(p), str(n)) for (s, p), n in counts]))
     click.echo(f"dead letters: {depth}")
     click.echo(f"retries pending: {pending}")
-
-
-def error_line(message: str) -> str:
-    """How every error ends a command: one line, no URL password, no control character."""
-    return f"vebaq: error: {one_line(scrub(message))}"
 
 
 def main() -> None:

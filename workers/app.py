@@ -14,10 +14,9 @@ pool the message was sent to.
 
 from __future__ import annotations
 
-import functools
 import logging
-import os
-import sys
+from collections.abc import Callable
+from dataclasses import replace
 from functools import cached_property
 from typing import Any
 
@@ -26,14 +25,17 @@ from celery.app.registry import TaskRegistry
 from celery.app.trace import build_tracer
 from celery.apps.worker import Worker
 from celery.worker.consumer import Consumer
-from kombu import Exchange, Queue
+from kombu import Message
 
-from producer.cloudevent import event_classes
-from vebaq.config import DEFAULT_BROKER_URL
-from vebaq.errors import VebaqError
-from vebaq.logs import install_scrubber
-from workers import hooks
-from workers.deadletters import DeadLettered
+from vebaq.core.broker import celery_config
+from vebaq.core.config import Settings
+from vebaq.core.errors import VebaqError
+from vebaq.core.logs import install_scrubber
+from vebaq.core.subjects import class_subject, event_classes
+from workers import signals as vebaq_signals
+from workers.execution import handle
+from workers.retries import DeadLettered
+from workers.settings import settings as worker_settings
 
 
 class EventTask(Task):
@@ -53,7 +55,7 @@ class EventTask(Task):
 class SubjectRegistry(TaskRegistry):
     """A task registry that makes an :class:`EventTask` for any name it is asked for."""
 
-    app: Celery | None = None
+    app: VebaqCelery | None = None
 
     def __missing__(self, name: str) -> Task:
         if self.app is None or not isinstance(name, str) or not name or name.startswith("celery."):
@@ -69,7 +71,7 @@ class _OnDemandStrategies(dict):
         super().__init__()
         self.consumer = consumer
 
-    def __missing__(self, name: str) -> Any:
+    def __missing__(self, name: str) -> Callable[..., Any]:
         consumer = self.consumer
         task = consumer.app.tasks[name]  # raises NotRegistered for names we refuse
         strategy = self[name] = task.start_strategy(consumer.app, consumer)
@@ -83,9 +85,9 @@ class SubjectConsumer(Consumer):
         super().__init__(*args, **kwargs)
         self.strategies = _OnDemandStrategies(self)
 
-    def on_decode_error(self, message: Any, exc: Exception) -> None:
+    def on_decode_error(self, message: Message, exc: Exception) -> None:
         """An undecodable body is dead-lettered (then logged and acked), not silently dropped."""
-        hooks.dead_letter_message(self.app, message, exc)
+        vebaq_signals.dead_letter_message(self.app, message, exc)
         super().on_decode_error(message, exc)
 
 
@@ -107,7 +109,7 @@ class VebaqCelery(Celery):
         self._tasks.app = self
 
     @cached_property
-    def Worker(self) -> type:  # noqa: N802 - Celery's name
+    def Worker(self) -> type[Worker]:  # noqa: N802 - Celery's name
         return self.subclass_with_self("workers.app:VebaqWorker")
 
     def register_subject(self, subject: str) -> Task:
@@ -117,94 +119,41 @@ class VebaqCelery(Celery):
         return self.task(name=subject, base=EventTask, bind=True)(_run_event)
 
 
-def _run_event(task: EventTask, event: Any = None, pool: Any = None, **extra: Any) -> Any:
-    """The body of every event task: run the functions of ``pool`` for ``event``."""
-    from workers.execution import handle  # imported late: execution imports this module
-
-    return handle(task, event, pool, extra)
+def _run_event(task: EventTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """The body of every event task: run the functions of the message's pool for its event."""
+    return handle(task, kwargs, args)
 
 
-#: The pools' queues, declared by producers and workers so that messages published before a
-#: worker first starts are kept.
-@functools.cache
-def queue_for(pool: str) -> Queue:
-    return Queue(pool, Exchange(pool, type="direct"), routing_key=pool)
+def create_app(settings: Settings | None = None, *, broker_url: str | None = None) -> VebaqCelery:
+    """The vebaq worker app.
 
-
-#: Seconds before a dead worker's unacked tasks are redelivered (``VEBAQ_VISIBILITY_TIMEOUT``).
-DEFAULT_VISIBILITY_TIMEOUT = 300.0
-#: Seconds between two sweeps for such tasks.
-RESTORE_INTERVAL = 10
-
-
-def create_app(broker_url: str | None = None) -> VebaqCelery:
-    """The vebaq Celery app.
-
-    :param broker_url: Redis URL; defaults to ``$VEBAQ_BROKER_URL``, then a local Redis.
+    :param settings: defaults to the worker process's settings (:mod:`workers.settings`).
+    :param broker_url: overrides the settings' broker (tests, benchmarks).
     """
-    visibility_timeout = float(os.environ.get("VEBAQ_VISIBILITY_TIMEOUT") or
-                               DEFAULT_VISIBILITY_TIMEOUT)
+    settings = settings or worker_settings()
+    if broker_url:
+        settings = replace(settings, broker_url=broker_url)
     app = VebaqCelery("vebaq", set_as_current=True)
     app.conf.update(
-        broker_url=broker_url or os.environ.get("VEBAQ_BROKER_URL") or DEFAULT_BROKER_URL,
-        # Delivery: ack after the work is done; a dead worker's task goes back to the queue.
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,
-        broker_transport_options={
-            # A killed worker's unacked tasks go back to their queue this long after delivery.
-            # Retries never wait in worker memory (workers.scheduler), so this only has to
-            # exceed the longest task run; lower means faster crash recovery.
-            "visibility_timeout": visibility_timeout,
-            # Every live worker sweeps for such tasks this often (kombu ≥ 5.7).
-            "unacked_restore_interval": RESTORE_INTERVAL,
-            "unacked_restore_throttle": 1,
-        },
-        broker_connection_retry_on_startup=True,
-        # Never pickle: messages are JSON, so a forged message cannot run code.
-        task_serializer="json",
-        accept_content=["json"],
-        result_serializer="json",
-        task_ignore_result=True,
+        celery_config(settings),
         # Events for Flower: each task shows up under its subject with its state and runtime.
         worker_send_task_events=True,
-        # A "task-sent" event per message from the producer: Flower then shows each task's
-        # queue, and tasks still waiting in it. It costs a second publish per task
-        # (VEBAQ_TASK_SENT_EVENTS=false turns it off for the fastest backlog drain).
-        task_send_sent_event=os.environ.get("VEBAQ_TASK_SENT_EVENTS", "true").lower()
-        not in ("false", "0", "no", "off"),
         task_track_started=True,
         worker_consumer="workers.app:SubjectConsumer",
         worker_hijack_root_logger=False,
-        task_create_missing_queues=True,
         task_default_queue="echo",
-        enable_utc=True,
     )
     # Named tasks for every event class pyvmomi knows; anything else is created on demand.
     for cls in event_classes():
-        app.register_subject(cls.__name__.rsplit(".", 1)[-1])
+        app.register_subject(class_subject(cls))
     return app
-
-
-@signals.worker_init.connect
-def _load_settings_early(**_: Any) -> None:
-    """Fail at start, in one line, on a bad config, instead of on the first task."""
-    from workers.runtime import settings
-
-    try:
-        settings()
-    except VebaqError as exc:
-        print(f"vebaq: error: {exc}", file=sys.stderr)
-        raise SystemExit(exc.exit_code) from None
 
 
 @signals.after_setup_logger.connect
 @signals.after_setup_task_logger.connect
 def _scrub_worker_logs(logger: logging.Logger, **_: Any) -> None:
-    from workers.runtime import settings
-
     try:
-        secrets = settings().secrets()
+        secrets = worker_settings().secrets()
     except VebaqError:
         secrets = ()
     install_scrubber(secrets, logger)

@@ -1,10 +1,6 @@
-"""Exceptions a function raises to say how its failure should be treated."""
+"""What a function raises to say how its failure should be treated (defined in the kernel's
+error tree, :mod:`vebaq.core.errors`, and offered here where function authors look)."""
 
+from vebaq.core.errors import PermanentError, PoisonMessage
 
-class PermanentError(Exception):
-    """Retrying cannot help (bad request, unknown resource, malformed event): the event goes
-    straight to the dead letters with this message as the reason."""
-
-
-class PoisonMessage(PermanentError):
-    """The task message itself is unusable: undecodable, not a CloudEvent, unknown pool."""
+__all__ = ["PermanentError", "PoisonMessage"]

@@ -1,7 +1,7 @@
 """What every event task does: validate the message, run the pool's functions once each.
 
-A message is ``{"event": <structured CloudEvent>, "pool": <pool name>}`` (task kwargs). For each
-function of the pool that handles the event's subject:
+A message follows the task message contract (:mod:`vebaq.core.messages`). For each function of
+the pool that handles the event's subject:
 
 1. skip it if its done marker says it already ran for this event id (redelivery, overlap);
 2. run it; on success set the done marker;
@@ -10,85 +10,80 @@ function of the pool that handles the event's subject:
    FAILURE in Flower).
 
 Bad messages (not a CloudEvent, no or unknown pool) are dead-lettered at once: retrying them
-would only fail again, and dropping them would lose them.
-
-A retry message carries ``attempt``, ``functions`` (run only these) and ``first_failed_at`` next
-to ``event`` and ``pool``. When Redis cannot take vebaq's own bookkeeping (done markers, a retry,
-a dead letter), the message is rejected back to its queue instead of being acked and lost.
+would only fail again, and dropping them would lose them. When Redis cannot take vebaq's own
+bookkeeping (done markers, a retry, a dead letter), the message is rejected back to its queue
+instead of being acked and lost.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import redis
+from celery import Task
 from celery.exceptions import Reject
 from cloudevents.core.v1.event import CloudEvent
 
-from producer.cloudevent import from_structured
-from workers import retries, state
-from workers.deadletters import DeadLettered, describe
-from workers.errors import PermanentError, PoisonMessage
+from vebaq.core import done
+from vebaq.core.deadletters import describe
+from vebaq.core.envelope import from_structured
+from vebaq.core.errors import PermanentError, PoisonMessage
+from vebaq.core.messages import TaskMessage
+from vebaq.core.redisdb import client
+from workers import retries
 from workers.pools import POOLS, functions_for
 
 logger = logging.getLogger("vebaq.worker")
 
 
-def parse_message(event: Any, pool: Any) -> tuple[CloudEvent, str]:
-    """Validate the task arguments; raises :class:`PoisonMessage` saying what is wrong."""
-    if not isinstance(pool, str) or not pool:
-        raise PoisonMessage(f"message names no pool (pool={pool!r})")
-    if pool not in POOLS:
-        raise PoisonMessage(f"unknown pool {pool!r} (this worker knows {', '.join(sorted(POOLS))})")
-    if not isinstance(event, dict | str | bytes):
-        raise PoisonMessage(f"event must be a structured CloudEvent, got {type(event).__name__}")
+def parse_message(subject: str, kwargs: Mapping[str, Any],
+                  args: tuple[Any, ...] = ()) -> tuple[TaskMessage, CloudEvent]:
+    """Validate a task call; raises :class:`PoisonMessage` saying what is wrong."""
+    if args:
+        raise PoisonMessage(f"a vebaq task takes keyword arguments only, got {len(args)} "
+                            "positional argument(s)")
+    message = TaskMessage.parse(subject, kwargs)
+    if message.pool not in POOLS:
+        raise PoisonMessage(f"unknown pool {message.pool!r} "
+                            f"(this worker knows {', '.join(sorted(POOLS))})")
     try:
-        cloudevent = from_structured(event)
-    except Exception as exc:  # the SDK raises several unrelated types for bad input
+        cloudevent = from_structured(dict(message.event))
+    except ValueError as exc:
         raise PoisonMessage(f"invalid CloudEvent: {exc}") from None
-    return cloudevent, pool
+    return message, cloudevent
 
 
-def _retry_arguments(extra: dict[str, Any]) -> tuple[int, list[str] | None]:
-    """``attempt`` and ``functions`` of a retry message (1 and every function otherwise)."""
-    attempt, only = extra.get("attempt") or 1, extra.get("functions")
-    if not isinstance(attempt, int) or isinstance(attempt, bool) or attempt < 1:
-        raise PoisonMessage(f"attempt must be a whole number ≥ 1, got {attempt!r}")
-    if only is not None and not (isinstance(only, list) and all(isinstance(f, str) for f in only)):
-        raise PoisonMessage(f"functions must be a list of function names, got {only!r}")
-    return attempt, only
-
-
-def handle(task: Any, event: Any, pool: Any, extra: dict[str, Any]) -> dict[str, Any]:
+def handle(task: Task, kwargs: Mapping[str, Any], args: tuple[Any, ...] = ()) -> dict[str, Any]:
     """Run the functions; returns a small summary (shown as the task result in Flower), or
-    raises :class:`~workers.deadletters.DeadLettered` or :class:`celery.exceptions.Retry`."""
+    raises :class:`~workers.retries.DeadLettered` or :class:`celery.exceptions.Retry`."""
     try:
-        return _handle(task, event, pool, extra)
+        return _handle(task, kwargs, args)
     except redis.RedisError as exc:
         raise Reject(f"Redis failed ({type(exc).__name__}: {exc}); message requeued",
                      requeue=True) from exc
 
 
-def _handle(task: Any, event: Any, pool: Any, extra: dict[str, Any]) -> dict[str, Any]:
-    redis_client = state.client(task.app.conf.broker_url)
+def _handle(task: Task, kwargs: Mapping[str, Any], args: tuple[Any, ...]) -> dict[str, Any]:
+    redis_client = client(task.app.conf.broker_url)
     try:
-        cloudevent, pool = parse_message(event, pool)
-        attempt, only = _retry_arguments(extra)
+        message, cloudevent = parse_message(task.name, kwargs, args)
     except PoisonMessage as exc:
-        letter = retries.dead_letter(task, redis_client, event, pool, function=None, error=exc,
-                                     attempt=1)
-        raise DeadLettered(f"dead letter {letter}: {describe(exc)}", [letter]) from None
+        letter = retries.dead_letter(task, redis_client, kwargs.get("event"), kwargs.get("pool"),
+                                     function=None, error=exc, attempt=1)
+        raise retries.DeadLettered(f"dead letter {letter}: {describe(exc)}", [letter]) from None
     ran, skipped, failures = [], [], []
-    functions = functions_for(pool, cloudevent.get_subject())
-    if only is not None:  # a retry or replay runs only what failed, if it still exists
+    subject, event_id = cloudevent.get_subject(), cloudevent.get_id()
+    functions = functions_for(message.pool, subject)
+    if message.functions is not None:  # a retry or replay runs only these, if they still exist
         known = {fn.name for fn in functions}
         failures = [retries.Failure(name, PermanentError(
-            f"no function {name!r} handles {cloudevent.get_subject()} in pool {pool!r} any more"))
-            for name in only if name not in known]
-        functions = [fn for fn in functions if fn.name in only]
+            f"no function {name!r} handles {subject} in pool {message.pool!r} any more"))
+            for name in message.functions if name not in known]
+        functions = [fn for fn in functions if fn.name in message.functions]
     for fn in functions:
-        if state.is_done(redis_client, pool, fn.name, cloudevent.get_id()):
+        if done.is_done(redis_client, message.pool, fn.name, event_id):
             skipped.append(fn.name)
             continue
         try:
@@ -96,13 +91,11 @@ def _handle(task: Any, event: Any, pool: Any, extra: dict[str, Any]) -> dict[str
         except Exception as exc:  # every failure is retried or dead-lettered, never lost
             failures.append(retries.Failure(fn.name, exc))
             continue
-        state.mark_done(redis_client, pool, fn.name, cloudevent.get_id())
+        done.mark_done(redis_client, message.pool, fn.name, event_id)
         ran.append(fn.name)
     if skipped:
         logger.info("%s %s: already handled by %s (duplicate delivery suppressed)",
-                    cloudevent.get_subject(), cloudevent.get_id(), ", ".join(skipped))
+                    subject, event_id, ", ".join(skipped))
     if failures:
-        retries.handle_failures(task, redis_client, event, pool, failures, attempt=attempt,
-                                first_failed_at=extra.get("first_failed_at"),
-                                event_id=cloudevent.get_id())
+        retries.handle_failures(task, redis_client, message, failures)
     return {"ran": ran, "duplicates_suppressed": skipped}

@@ -23,7 +23,7 @@ from typing import Any
 
 from cloudevents.core.v1.event import CloudEvent
 
-from vebaq.errors import ConfigError
+from vebaq.core.errors import ConfigError
 
 Handler = Callable[[CloudEvent], Any]
 

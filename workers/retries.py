@@ -2,21 +2,21 @@
 
 For each failed function of a message:
 
-* a :class:`~workers.errors.PermanentError` (which includes
-  :class:`~workers.errors.PoisonMessage`) is dead-lettered at once;
+* a :class:`~vebaq.core.errors.PermanentError` (which includes
+  :class:`~vebaq.core.errors.PoisonMessage`) is dead-lettered at once;
 * any other error is retried while ``attempt <= max_retries`` of the pool's
-  :class:`~vebaq.config.RetryPolicy`, so a function runs at most ``max_retries + 1`` times; then
-  it is dead-lettered with ``attempts = max_retries + 1``.
+  :class:`~vebaq.core.config.RetryPolicy`, so a function runs at most ``max_retries + 1`` times;
+  then it is dead-lettered with ``attempts = max_retries + 1``.
 
-The functions to retry go into one retry stored in Redis (:mod:`workers.scheduler`), due after
-``policy.delay(attempt)`` seconds, or after the error's ``retry_after`` (a server's
-``Retry-After``) when that is longer. The message itself is acked: nothing waits in a worker's
-memory.
+The functions to retry go into one retry stored in Redis (:mod:`vebaq.core.retrystore`), due
+after ``policy.delay(attempt)`` seconds, or after the error's ``retry_after`` (a server's
+``Retry-After``, capped at the policy's ``max_retry_after``) when that is longer. The message
+itself is acked: nothing waits in a worker's memory.
 
 The task then ends in a state Flower shows with the reason:
 
-* something was dead-lettered: the task raises :class:`~workers.deadletters.DeadLettered`, so
-  Celery records FAILURE with ``dead letter <id>: <error>``;
+* something was dead-lettered: the task raises :class:`DeadLettered`, so Celery records FAILURE
+  with ``dead letter <id>: <error>``;
 * otherwise a retry was scheduled: the task raises :class:`celery.exceptions.Retry`, so Celery
   records RETRY with the attempt, the delay and the error. Unlike ``Task.retry()`` this publishes
   nothing; the next attempt shows up as its own task (``<event id>:<pool>:attempt<n>``).
@@ -32,19 +32,38 @@ import datetime
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, NoReturn
 
 import redis
+from celery import Task
 from celery.exceptions import Retry
 
-from vebaq.config import RetryPolicy
-from workers import deadletters, scheduler
-from workers.deadletters import DeadLettered, describe
-from workers.errors import PermanentError
+from vebaq.core import deadletters, retrystore
+from vebaq.core.config import RetryPolicy
+from vebaq.core.deadletters import describe
+from vebaq.core.errors import PermanentError
+from vebaq.core.messages import TaskMessage
+from workers.settings import settings
 
 logger = logging.getLogger("vebaq.retries")
+
+
+class DeadLettered(Exception):
+    """Raised by the task after dead-lettering, so that Celery records it as FAILURE (and Flower
+    shows it with this message). The message is acked all the same: nothing requeues it.
+
+    :param message: ``dead letter <id>: <reason>`` (several ids for several functions).
+    :param letter_ids: the ids of the records written.
+    """
+
+    def __init__(self, message: str, letter_ids: Iterable[str] = ()) -> None:
+        super().__init__(message)
+        self.letter_ids = tuple(letter_ids)
+
+    def __reduce__(self) -> tuple[Any, ...]:  # pickled from a prefork child to its parent
+        return type(self), (self.args[0], self.letter_ids)
 
 
 @dataclass(frozen=True)
@@ -58,16 +77,17 @@ class Failure:
 def retry_delay(policy: RetryPolicy, attempt: int, errors: Sequence[BaseException],
                 rand: Callable[[], float] = random.random) -> float:
     """Seconds before retrying after failed attempt ``attempt``: the policy's back-off, or the
-    longest ``retry_after`` one of ``errors`` carries, whichever is longer."""
+    longest ``retry_after`` one of ``errors`` carries (a server's ``Retry-After``), whichever is
+    longer — a ``Retry-After`` cut to the policy's ``max_retry_after``."""
     delay = policy.delay(attempt, rand)
     for error in errors:
         retry_after = getattr(error, "retry_after", None)
         if isinstance(retry_after, int | float) and not isinstance(retry_after, bool):
-            delay = max(delay, float(retry_after))
+            delay = max(delay, min(float(retry_after), policy.max_retry_after))
     return delay
 
 
-def dead_letter(task: Any, r: redis.Redis, event: Any, pool: Any, function: str | None,
+def dead_letter(task: Task, r: redis.Redis, event: Any, pool: Any, function: str | None,
                 error: BaseException, attempt: int, first_failed_at: float | None = None) -> str:
     """Record a dead letter for ``function`` (``None``: the whole message); returns its id."""
     letter = deadletters.add(r, task_name=task.name, pool=pool, function=function, event=event,
@@ -78,31 +98,24 @@ def dead_letter(task: Any, r: redis.Redis, event: Any, pool: Any, function: str 
     return letter
 
 
-def handle_failures(task: Any, r: redis.Redis, event: Any, pool: str,
-                    failures: Sequence[Failure], *, attempt: int,
-                    first_failed_at: float | None = None, event_id: str | None = None,
-                    policy: RetryPolicy | None = None) -> NoReturn:
+def handle_failures(task: Task, r: redis.Redis, message: TaskMessage,
+                    failures: Sequence[Failure], policy: RetryPolicy | None = None) -> NoReturn:
     """Retry or dead-letter every failure of one message, then raise what ends the task (see
     the module docstring).
 
-    :param event: the structured CloudEvent as received; retries and dead letters keep it.
-    :param attempt: the attempt that just failed (1 for the first run).
-    :param first_failed_at: epoch seconds of the first failure of an earlier attempt, if any.
-    :param event_id: the CloudEvent id, for the retry's task id.
+    :param message: the message as received; retries and dead letters keep its event.
     :param policy: the pool's retry policy (default: from the worker settings).
     """
     if policy is None:
-        from workers.runtime import settings
-
-        policy = settings().retry_policy(pool)
-    if not isinstance(first_failed_at, int | float) or isinstance(first_failed_at, bool):
-        first_failed_at = time.time()
+        policy = settings().retry_policy(message.pool)
+    attempt = message.attempt
+    first_failed_at = message.first_failed_at or time.time()
     letters: list[tuple[str, Failure]] = []
     retrying: list[Failure] = []
     for failure in failures:
         if isinstance(failure.error, PermanentError) or attempt > policy.max_retries:
-            letter = dead_letter(task, r, event, pool, failure.function, failure.error, attempt,
-                                 first_failed_at)
+            letter = dead_letter(task, r, dict(message.event), message.pool, failure.function,
+                                 failure.error, attempt, first_failed_at)
             letters.append((letter, failure))
         else:
             retrying.append(failure)
@@ -110,12 +123,12 @@ def handle_failures(task: Any, r: redis.Redis, event: Any, pool: str,
     retry_note = ""
     if retrying:
         delay = retry_delay(policy, attempt, [f.error for f in retrying])
-        names = [f.function for f in retrying]
+        names = tuple(f.function for f in retrying)
         last_error = "; ".join(describe(f.error) for f in retrying)
-        retry_id, due = scheduler.schedule(
-            r, task_name=task.name, event=event, pool=pool, functions=names,
-            attempt=attempt + 1, delay=delay, first_failed_at=first_failed_at,
-            last_error=last_error, event_id=event_id)
+        retry_id, due = retrystore.schedule(
+            r, replace(message, attempt=attempt + 1, functions=names,
+                       first_failed_at=first_failed_at, id_suffix=None),
+            delay=delay, last_error=last_error)
         retry_note = (f"{', '.join(names)} failed (attempt {attempt} of "
                       f"{policy.max_retries + 1}), retry {retry_id} in {delay:.1f}s: {last_error}")
         logger.warning("%s: %s", task.name, retry_note)

@@ -26,9 +26,9 @@ from urllib.parse import quote
 
 import requests
 
-from vebaq.config import VropsSettings
-from vebaq.secrets import redact_url, scrub
-from workers.errors import PermanentError
+from vebaq.core.config import VropsSettings
+from vebaq.core.errors import PermanentError
+from vebaq.core.secrets import redact_url, scrub
 
 logger = logging.getLogger("vebaq.vrops")
 
@@ -42,7 +42,7 @@ TOKEN_EXPIRY_MARGIN = 60.0
 RETRYABLE_STATUSES = frozenset({408, 429})
 
 #: Longest error body kept in exceptions and dead letters, in characters.
-MAX_BODY = 200
+MAX_ERROR_BODY = 200
 
 #: Identifier types of a vROps ``HostSystem`` resource (adapter ``VMWARE``).
 OBJECT_ID = "VMEntityObjectID"
@@ -114,9 +114,9 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
 
 
 def short_body(text: str, secrets: tuple[str, ...] = ()) -> str:
-    """An error body on one line, secrets masked, at most :data:`MAX_BODY` characters."""
+    """An error body on one line, secrets masked, at most :data:`MAX_ERROR_BODY` characters."""
     text = scrub(" ".join(text.split()), secrets)
-    return text if len(text) <= MAX_BODY else text[:MAX_BODY - 1] + "…"
+    return text if len(text) <= MAX_ERROR_BODY else text[:MAX_ERROR_BODY - 1] + "…"
 
 
 def identifiers(resource: dict[str, Any]) -> dict[str, str]:
@@ -169,7 +169,8 @@ def choose_host(resources: list[dict[str, Any]], host_name: str, moref: str,
 class VropsClient:
     """Talks to one vROps; safe to share between the threads of a process.
 
-    :param settings: URL, credentials, TLS and timeout (see :class:`~vebaq.config.VropsSettings`).
+    :param settings: URL, credentials, TLS and timeout
+        (:class:`~vebaq.core.config.VropsSettings`).
     :param session: a :class:`requests.Session` to use instead of a new one.
     """
 
@@ -331,7 +332,7 @@ class VropsClient:
             url = redact_url(self._url("/adapterkinds/VMWARE/resourcekinds/HostSystem/resources"))
             raise VropsRejected(f"vROps has no unique resource for host {host_name!r} "
                                 f"({moref} of vCenter {vc_uuid}): {how}", url=url, status=None,
-                                body=how[:MAX_BODY])
+                                body=how[:MAX_ERROR_BODY])
         if how != "identifiers":
             logger.warning("vROps resource %s chosen for %s (%s of vCenter %s) by %s only",
                            identifier, host_name, moref, vc_uuid, how)

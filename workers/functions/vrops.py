@@ -5,12 +5,12 @@
 (``data["Host"]``) and its vCenter's instance UUID (the ``vcenteruuid`` extension attribute).
 
 Retries and parallel workers reorder events, so vROps must end in the state of the *latest*
-vCenter event per host, not of the last one processed. Per ``(vCenter, host)`` the worker keeps the
-order — ``(key, time)`` — of the latest event applied, in :data:`APPLIED_KEY`, and under a short
-per-host Redis lock (:data:`LOCK_KEY`) does: skip the event if it is not newer than the applied one
-("stale" or "already applied"), call vROps, record it (a Lua compare-and-set, which only moves
-forward). An event therefore causes at most one ``PUT``/``DELETE`` once it succeeded, and an older
-event never overrides a newer one.
+vCenter event per host, not of the last one processed. Per ``(vCenter, host)`` the worker keeps
+the order — ``(key, time)`` — of the latest event applied (:func:`vebaq.core.keys.vrops_applied`),
+and under a short per-host Redis lock (:func:`vebaq.core.keys.vrops_lock`) does: skip the event if
+it is not newer than the applied one ("stale" or "already applied"), call vROps, record it (a Lua
+compare-and-set, which only moves forward). An event therefore causes at most one
+``PUT``/``DELETE`` once it succeeded, and an older event never overrides a newer one.
 """
 
 from __future__ import annotations
@@ -27,10 +27,12 @@ import redis
 from cloudevents.core.v1.event import CloudEvent
 from redis.exceptions import LockError
 
-from vebaq.config import VropsSettings
-from workers import runtime, state
-from workers.errors import PermanentError
+from vebaq.core import keys, redisdb
+from vebaq.core.config import VropsSettings
+from vebaq.core.errors import PermanentError
+from vebaq.core.redisdb import Script
 from workers.pools import function
+from workers.settings import settings
 from workers.vrops_client import VropsClient
 
 logger = logging.getLogger("vebaq.vrops")
@@ -38,12 +40,10 @@ logger = logging.getLogger("vebaq.vrops")
 #: Event subject → whether the host is maintained afterwards.
 MAINTAINED_AFTER = {"EnteredMaintenanceModeEvent": True, "ExitMaintenanceModeEvent": False}
 
-#: Hash with the latest event applied per host: ``time`` (µs since the epoch), ``key`` (the vCenter
-#: event key), ``id``, ``subject``, ``maintained`` (``1``/``0``) and the vROps ``resource`` id.
-APPLIED_KEY = f"{state.PREFIX}:vrops:applied:{{vc_uuid}}:{{moref}}"
-
-#: Per-host lock serialising "check stale → call vROps → record applied".
-LOCK_KEY = f"{state.PREFIX}:vrops:lock:{{vc_uuid}}:{{moref}}"
+# Per host, :func:`vebaq.core.keys.vrops_applied` is a hash with the latest event applied:
+# ``time`` (µs since the epoch), ``key`` (the vCenter event key), ``id``, ``subject``,
+# ``maintained`` (``1``/``0``) and the vROps ``resource`` id; :func:`vebaq.core.keys.vrops_lock`
+# serialises "check stale → call vROps → record applied".
 
 #: Seconds an applied record is kept: far longer than any retry or redelivery of an older event.
 APPLIED_TTL = 30 * 24 * 3600
@@ -57,7 +57,7 @@ LOCK_SLACK = 5.0
 
 #: Compare-and-set of the applied record; returns ``{1}`` if recorded, else ``{0, maintained}``
 #: of the record that is as new or newer.
-_RECORD_LUA = """
+_RECORD = Script("""
 local t = tonumber(ARGV[1])
 local k = tonumber(ARGV[2])
 local current = redis.call('HMGET', KEYS[1], 'time', 'key', 'maintained')
@@ -72,7 +72,7 @@ redis.call('HSET', KEYS[1], 'time', ARGV[1], 'key', ARGV[2], 'id', ARGV[3],
            'maintained', ARGV[4], 'subject', ARGV[5], 'resource', ARGV[6])
 redis.call('EXPIRE', KEYS[1], ARGV[7])
 return {1}
-"""
+""")
 
 #: Outcomes :func:`maintenance_mode` returns.
 APPLIED, STALE, DUPLICATE = "applied", "stale", "duplicate"
@@ -172,7 +172,7 @@ def reset_clients() -> None:
 
 def applied(r: redis.Redis, vc_uuid: str, moref: str) -> dict[str, str]:
     """The applied record of a host (empty if none): ``time``, ``key``, ``id``, ``maintained`` …"""
-    raw = r.hgetall(APPLIED_KEY.format(vc_uuid=vc_uuid.lower(), moref=moref))
+    raw = r.hgetall(keys.vrops_applied(vc_uuid.lower(), moref))
     return {k.decode(): v.decode() for k, v in raw.items()}
 
 
@@ -189,10 +189,9 @@ def _skip_reason(r: redis.Redis, host: HostEvent) -> str | None:
 
 def _record(r: redis.Redis, host: HostEvent, resource_id: str) -> tuple[bool, bool | None]:
     """Record ``host`` as applied unless a newer one is; returns ``(recorded, newer's state)``."""
-    script = r.register_script(_RECORD_LUA)
-    result = script(keys=[APPLIED_KEY.format(vc_uuid=host.vc_uuid, moref=host.moref)],
-                    args=[host.time_us, host.key, host.event_id, int(host.maintained),
-                          host.subject, resource_id, APPLIED_TTL])
+    result = _RECORD(r, keys=[keys.vrops_applied(host.vc_uuid, host.moref)],
+                     args=[host.time_us, host.key, host.event_id, int(host.maintained),
+                           host.subject, resource_id, APPLIED_TTL])
     if int(result[0]) == 1:
         return True, None
     newer = result[1].decode() if isinstance(result[1], bytes) else result[1]
@@ -212,9 +211,9 @@ def maintenance_mode(event: CloudEvent) -> str:
     """Mirror one maintenance-mode event into vROps; returns ``applied``, ``stale`` or
     ``duplicate``."""
     host = host_event(event)
-    config = runtime.settings()
+    config = settings()
     vrops = client(config.vrops)
-    r = state.client(config.broker_url)
+    r = redisdb.client(config.broker_url)
 
     reason = _skip_reason(r, host)  # fast path: the record only moves forward
     if reason:
@@ -222,7 +221,7 @@ def maintenance_mode(event: CloudEvent) -> str:
         return reason
 
     lock_timeout = CALLS_UNDER_LOCK * config.vrops.timeout + LOCK_SLACK
-    lock = r.lock(LOCK_KEY.format(vc_uuid=host.vc_uuid, moref=host.moref),
+    lock = r.lock(keys.vrops_lock(host.vc_uuid, host.moref),
                   timeout=lock_timeout, blocking_timeout=lock_timeout, sleep=0.05)
     if not lock.acquire():
         raise HostBusy(f"vrops: {host.describe()}: host lock busy for {lock_timeout:g}s")

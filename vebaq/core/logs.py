@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from vebaq.secrets import scrub
+from vebaq.core.secrets import scrub
 
 #: The format of the producer's and the CLI's log lines.
 FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"

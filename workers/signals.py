@@ -1,13 +1,15 @@
-"""Worker signal receivers: the retry scheduler, and dead letters for what Celery would drop.
+"""Celery signal receivers of the worker: settings checked at start, the retry scheduler, and
+dead letters for what Celery would drop.
 
 Imported by :mod:`workers.app`, so that ``vebaq worker`` and ``celery -A workers worker`` alike:
 
+* check the settings at start (one line and exit on a bad config, not on the first task);
 * start a :class:`~workers.scheduler.Scheduler` thread in the worker main process once the
   worker is ready (``worker_ready`` fires there only, whatever the execution pool), and stop it
   on shutdown;
 * dead-letter the messages Celery logs and discards: a task that failed outside
-  :func:`workers.execution.handle` (wrong arguments, a hard time limit), a message with a
-  refused content type or without task headers (``task_rejected``), a reserved task name
+  :func:`workers.execution.handle` (a hard time limit, a crash in Celery's own code), a message
+  with a refused content type or without task headers (``task_rejected``), a reserved task name
   (``task_unknown``), and, through :func:`dead_letter_message` called from the consumer's
   ``on_decode_error``, a body that cannot be decoded.
 """
@@ -16,26 +18,41 @@ from __future__ import annotations
 
 import base64
 import logging
+import sys
 from typing import Any
 
-from celery import signals
+from celery import Celery, Task, signals
+from celery.worker.consumer import Consumer
+from kombu import Message
 
-from workers import deadletters, state
-from workers.deadletters import DeadLettered
-from workers.errors import PoisonMessage
+from vebaq.core import deadletters
+from vebaq.core.errors import PoisonMessage, VebaqError, error_line
+from vebaq.core.redisdb import client
+from workers.retries import DeadLettered
 from workers.scheduler import Scheduler
+from workers.settings import settings
 
-logger = logging.getLogger("vebaq.hooks")
+logger = logging.getLogger("vebaq.signals")
 
-#: Longest message body kept in a dead letter, in bytes (a body is rarely over a few KiB).
-MAX_BODY = 64 * 1024
+#: Longest undecodable message body kept in a dead letter, in bytes (bodies are a few KiB).
+MAX_DEAD_LETTER_BODY = 64 * 1024
 
 #: The running scheduler thread of this process, if any.
 _scheduler: Scheduler | None = None
 
 
+@signals.worker_init.connect(dispatch_uid="vebaq.check_settings")
+def check_settings(**_: Any) -> None:
+    """Fail at start, in one line, on a bad config, instead of on the first task."""
+    try:
+        settings()
+    except VebaqError as exc:
+        print(error_line(str(exc)), file=sys.stderr)
+        raise SystemExit(exc.exit_code) from None
+
+
 @signals.worker_ready.connect(dispatch_uid="vebaq.start_retry_scheduler")
-def start_retry_scheduler(sender: Any = None, **_: Any) -> None:
+def start_retry_scheduler(sender: Consumer | None = None, **_: Any) -> None:
     """Start this worker's scheduler thread (``sender`` is the worker's consumer)."""
     global _scheduler
     if _scheduler is None or not _scheduler.is_alive():
@@ -54,7 +71,7 @@ def stop_retry_scheduler(**_: Any) -> None:
 
 
 @signals.task_failure.connect(dispatch_uid="vebaq.dead_letter_failed_task")
-def dead_letter_failed_task(sender: Any = None, task_id: str | None = None,
+def dead_letter_failed_task(sender: Task | None = None, task_id: str | None = None,
                             exception: BaseException | None = None, args: Any = None,
                             kwargs: Any = None, **_: Any) -> None:
     """Dead-letter a task that failed other than by :class:`DeadLettered` (already recorded)."""
@@ -65,7 +82,7 @@ def dead_letter_failed_task(sender: Any = None, task_id: str | None = None,
     attempt = kwargs.get("attempt")
     delivery = getattr(getattr(sender, "request", None), "delivery_info", None) or {}
     letter = deadletters.add(
-        state.client(sender.app.conf.broker_url), task_name=sender.name,
+        client(sender.app.conf.broker_url), task_name=sender.name,
         pool=kwargs.get("pool") or delivery.get("routing_key"), function=None,
         event=kwargs.get("event"), error=exception,
         attempt=attempt if isinstance(attempt, int) and attempt > 0 else 1, task_id=task_id,
@@ -75,19 +92,21 @@ def dead_letter_failed_task(sender: Any = None, task_id: str | None = None,
 
 
 def _body(body: Any) -> str:
-    """The body as text, or ``base64:…`` when it is not UTF-8; at most :data:`MAX_BODY`."""
+    """The body as text, or ``base64:…`` when it is not UTF-8; at most
+    :data:`MAX_DEAD_LETTER_BODY` bytes."""
     if isinstance(body, str):
         body = body.encode("utf-8", "replace")
     if not isinstance(body, bytes | bytearray):
-        return repr(body)[:MAX_BODY]
-    body = bytes(body[:MAX_BODY])
+        return repr(body)[:MAX_DEAD_LETTER_BODY]
+    body = bytes(body[:MAX_DEAD_LETTER_BODY])
     try:
         return body.decode("utf-8")
     except UnicodeDecodeError:
         return "base64:" + base64.b64encode(body).decode("ascii")
 
 
-def dead_letter_message(app: Any, message: Any, error: BaseException | None) -> str | None:
+def dead_letter_message(app: Celery, message: Message,
+                        error: BaseException | None) -> str | None:
     """Dead-letter a transport message that never became a task call; returns the id, or
     ``None`` when even that failed (logged: the message is acked by Celery all the same).
 
@@ -99,7 +118,7 @@ def dead_letter_message(app: Any, message: Any, error: BaseException | None) -> 
     error = error or PoisonMessage("not a Celery task message (no task headers)")
     try:
         letter = deadletters.add(
-            state.client(app.conf.broker_url), task_name=str(headers.get("task") or ""),
+            client(app.conf.broker_url), task_name=str(headers.get("task") or ""),
             pool=delivery.get("routing_key"), function=None, event=None, error=error,
             attempt=1, task_id=headers.get("id"),
             message={"headers": headers, "content_type": getattr(message, "content_type", None),
@@ -113,14 +132,16 @@ def dead_letter_message(app: Any, message: Any, error: BaseException | None) -> 
 
 
 @signals.task_rejected.connect(dispatch_uid="vebaq.dead_letter_rejected")
-def _dead_letter_rejected(sender: Any = None, message: Any = None, exc: Any = None,
+def _dead_letter_rejected(sender: Consumer | None = None, message: Message | None = None,
+                          exc: BaseException | None = None,
                           **_: Any) -> None:
     if sender is not None and message is not None:
         dead_letter_message(sender.app, message, exc)
 
 
 @signals.task_unknown.connect(dispatch_uid="vebaq.dead_letter_unknown")
-def _dead_letter_unknown(sender: Any = None, message: Any = None, exc: Any = None,
+def _dead_letter_unknown(sender: Consumer | None = None, message: Message | None = None,
+                         exc: BaseException | None = None,
                          **_: Any) -> None:
     if sender is not None and message is not None:
         dead_letter_message(sender.app, message, exc)

@@ -1,12 +1,13 @@
 """Dead letters: events whose functions failed for good, kept in Redis until replayed or purged.
 
 A function's event is dead-lettered after its last retry, at once for a
-:class:`~workers.errors.PermanentError`, and a task message that is unusable (not a CloudEvent,
-no or unknown pool) is dead-lettered as it is. A record holds everything needed to understand
-and replay the failure: the full CloudEvent, the task name (the event subject), pool, function,
-attempts, first and last failure time, the exception's type, message and (shortened) traceback,
-and the Knative error extensions (``knativeerrordest``, ``knativeerrorcode``,
-``knativeerrordata``) when the exception offers them through ``knative_error_attributes()``.
+:class:`~vebaq.core.errors.PermanentError`; a task message that is unusable (not a CloudEvent,
+no or unknown pool) is dead-lettered as it is, and so is a vCenter event the producer could not
+convert. A record holds everything needed to understand and replay the failure: the full
+CloudEvent, the task name (the event subject), pool, function, attempts, first and last failure
+time, the exception's type, message and (shortened) traceback, and the Knative error extensions
+(``knativeerrordest``, ``knativeerrorcode``, ``knativeerrordata``) when the exception offers them
+through ``knative_error_attributes()``.
 
 Records stay until :func:`replay` or :func:`purge` removes them: there is no expiry. They are
 only as durable as Redis is: run it with AOF persistence (``appendonly yes``, ``appendfsync
@@ -24,16 +25,20 @@ from typing import Any
 
 import redis
 
-from vebaq.errors import VebaqError
-from workers.state import PREFIX
+from vebaq.core import keys
+from vebaq.core.errors import NoSuchDeadLetter, NotReplayable
+from vebaq.core.messages import TaskMessage
+from vebaq.core.publish import Publisher
+from vebaq.core.redisdb import Script
 
-#: Hash of dead-letter id → JSON record.
-RECORDS = f"{PREFIX}:dlq:records"
-#: Sorted set of dead-letter ids scored by the time they were dead-lettered (oldest first).
-INDEX = f"{PREFIX}:dlq:index"
-#: Hash of JSON ``[subject, pool]`` → number of dead letters, kept with every add and remove so
-#: that :func:`counts` (scraped for metrics) never reads the records.
-COUNTS = f"{PREFIX}:dlq:counts"
+RECORDS = keys.DEAD_LETTER_RECORDS
+INDEX = keys.DEAD_LETTER_INDEX
+#: Kept with every add and remove, so that :func:`counts` (scraped for metrics) never reads the
+#: records.
+COUNTS = keys.DEAD_LETTER_COUNTS
+
+#: Seconds one replay of a dead letter holds it (:func:`replay` is exclusive per id).
+REPLAY_LOCK_TTL = 60
 
 #: Longest exception message kept, in characters.
 MAX_ERROR = 2000
@@ -47,37 +52,12 @@ _CHUNK = 500
 
 # Remove one record and its index entry; decrement its counter only if it was still there, so
 # two concurrent removals (replay racing purge) count it once.
-_REMOVE = """
+_REMOVE = Script("""
 if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
 redis.call('ZREM', KEYS[2], ARGV[1])
 if redis.call('HINCRBY', KEYS[3], ARGV[2], -1) <= 0 then redis.call('HDEL', KEYS[3], ARGV[2]) end
 return 1
-"""
-
-
-class DeadLettered(Exception):
-    """Raised by the task after dead-lettering, so that Celery records it as FAILURE (and Flower
-    shows it with this message). The message is acked all the same: nothing requeues it.
-
-    :param message: ``dead letter <id>: <reason>`` (several ids for several functions).
-    :param letter_ids: the ids of the records written.
-    """
-
-    def __init__(self, message: str, letter_ids: Iterable[str] = ()) -> None:
-        super().__init__(message)
-        self.letter_ids = tuple(letter_ids)
-
-    def __reduce__(self) -> tuple[Any, ...]:  # pickled from a prefork child to its parent
-        return type(self), (self.args[0], self.letter_ids)
-
-
-class NoSuchDeadLetter(VebaqError):
-    """No dead letter has this id (already replayed or purged, or mistyped)."""
-
-
-class NotReplayable(VebaqError):
-    """The dead letter has no event or no pool to send it to (a message that was not a task
-    call)."""
+""")
 
 
 def describe(error: BaseException) -> str:
@@ -171,30 +151,42 @@ def get(r: redis.Redis, letter_id: str) -> dict[str, Any]:
 
 def remove(r: redis.Redis, record: dict[str, Any]) -> bool:
     """Delete ``record`` (as returned by :func:`get`); ``False`` if it was already gone."""
-    return bool(r.eval(_REMOVE, 3, RECORDS, INDEX, COUNTS, record["id"],
-                       _count_field(record.get("task"), record.get("pool"))))
+    return bool(_REMOVE(r, keys=[RECORDS, INDEX, COUNTS],
+                        args=[record["id"], _count_field(record.get("task"), record.get("pool"))]))
 
 
-def replay(app: Any, r: redis.Redis, letter_id: str) -> str:
+def replay(publisher: Publisher, r: redis.Redis, letter_id: str) -> str:
     """Send the dead letter's event to its pool again, as a first attempt of the function that
     failed (of every function, for a poison message), and delete the record once the broker
     took the message. Returns the new task id.
 
-    The event's done markers need no clearing: they are set only when a function succeeded.
+    Exclusive per id: a second replay of the same dead letter while one runs (two operators, two
+    terminals) finds it taken and raises :class:`NoSuchDeadLetter`, so one task is sent. The
+    event's done markers need no clearing: they are set only when a function succeeded.
     """
-    from workers.app import queue_for
+    lock = keys.dead_letter_replay_lock(letter_id)
+    if not r.set(lock, 1, nx=True, ex=REPLAY_LOCK_TTL):
+        raise NoSuchDeadLetter(f"dead letter {letter_id!r} is being replayed by another command")
+    try:
+        record = get(r, letter_id)
+        message = replay_message(record)
+        publisher.publish([message])
+        remove(r, record)
+        return message.task_id
+    finally:
+        r.delete(lock)
 
-    record = get(r, letter_id)
-    pool = record.get("pool")
-    if not isinstance(pool, str) or not pool or record.get("event") is None:
-        raise NotReplayable(f"dead letter {letter_id} has no event or no pool (pool={pool!r}): "
-                            "a message that was never a task call cannot be replayed; purge it")
-    kwargs: dict[str, Any] = {"event": record.get("event"), "pool": pool}
-    if record.get("function"):
-        kwargs["functions"] = [record["function"]]
-    result = app.send_task(record["task"], kwargs=kwargs, queue=queue_for(pool))
-    remove(r, record)
-    return result.id
+
+def replay_message(record: dict[str, Any]) -> TaskMessage:
+    """The task message that replays ``record``; raises :class:`NotReplayable`."""
+    pool, event = record.get("pool"), record.get("event")
+    if not isinstance(pool, str) or not pool or not isinstance(event, dict) or not event.get("id"):
+        raise NotReplayable(f"dead letter {record.get('id')} has no event or no pool "
+                            f"(pool={pool!r}): a message that was never a task call cannot be "
+                            "replayed; purge it")
+    functions = (record["function"],) if record.get("function") else None
+    return TaskMessage(str(record.get("task") or event.get("subject")), event, pool,
+                       functions=functions, id_suffix=f"replay-{uuid.uuid4().hex[:8]}")
 
 
 def purge(r: redis.Redis, ids: Iterable[str] | None = None) -> int:

@@ -11,18 +11,23 @@ from __future__ import annotations
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import click
 
+if TYPE_CHECKING:
+    from vebaq.devtools.embedded import EmbeddedRedis
+
 from producer.simulated import SIMULATED_UUID, simulated_hosts
-from vebaq.embedded import EmbeddedRedis, free_port
-from vebaq.secrets import redact_url
+from vebaq.core.errors import VebaqError
+from vebaq.core.secrets import redact_url
 
 #: Seconds children get to stop after SIGTERM before they are killed.
 STOP_GRACE = 20
@@ -72,6 +77,23 @@ def say(message: str) -> None:
     click.echo(click.style(f"{'vebaq dev':>9} | ", bold=True) + message)
 
 
+def _embedded_broker() -> EmbeddedRedis:
+    """The embedded broker; its fakeredis is an optional dependency (the ``dev`` extra)."""
+    try:
+        from vebaq.devtools.embedded import EmbeddedRedis
+    except ImportError as exc:
+        raise VebaqError(f"the embedded broker needs fakeredis ({exc}): pip install "
+                         "'vebaq[dev]', or set VEBAQ_BROKER_URL=redis://… for a real Redis") \
+            from None
+    return EmbeddedRedis()
+
+
+def _free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
 def run(pools: Iterable[str], simulate: bool | None, rate: float, flower_port: int,
         metrics_port: int) -> int:
     """Start everything, wait for Ctrl-C (or a child dying), stop everything."""
@@ -80,7 +102,7 @@ def run(pools: Iterable[str], simulate: bool | None, rate: float, flower_port: i
     if env.get("VEBAQ_BROKER_URL"):
         say(f"broker: {redact_url(env['VEBAQ_BROKER_URL'])}")
     else:
-        embedded = EmbeddedRedis().start()
+        embedded = _embedded_broker().start()
         env["VEBAQ_BROKER_URL"] = embedded.url
         say(f"broker: embedded (no VEBAQ_BROKER_URL set) at {embedded.url}; demo use only — "
             f"set VEBAQ_BROKER_URL=redis://… for a real Redis")
@@ -99,12 +121,12 @@ def run(pools: Iterable[str], simulate: bool | None, rate: float, flower_port: i
     pools = list(pools)
     if "vrops" in pools and not env.get("VROPS_URL"):
         if simulate:
-            port = free_port()
+            port = _free_port()
             password = secrets.token_urlsafe(12)
             hosts = [f"--host={h.name}={h.moref}@{SIMULATED_UUID}" for h in simulated_hosts(4)]
-            children.append(Child("fake-vrops", [python, "-m", "vebaq.fake_vrops", "--port",
-                                                 str(port), "--user", "admin", "--password",
-                                                 password, *hosts], env, "red"))
+            children.append(Child("fake-vrops", [python, "-m", "vebaq.devtools.fake_vrops",
+                                                 "--port", str(port), "--user", "admin",
+                                                 "--password", password, *hosts], env, "red"))
             env.update(VROPS_URL=f"http://127.0.0.1:{port}", VROPS_USER="admin",
                        VROPS_PASSWORD=password)
             say(f"vROps: the fake vROps at http://127.0.0.1:{port} "

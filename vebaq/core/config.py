@@ -4,6 +4,8 @@ The file is modelled on the VEBA router config; every key is optional::
 
     broker:
       url: redis://127.0.0.1:6379/0
+      visibilityTimeout: 5m         # redeliver a dead worker's task after this
+      taskSentEvents: true          # Flower shows queued tasks (false: fastest drain)
     vcenter:
       url: https://vc.example.com/sdk
       username: administrator@vsphere.local
@@ -18,7 +20,7 @@ The file is modelled on the VEBA router config; every key is optional::
     cloudevents:
       type: router                  # or: vsphere (com.vmware.vsphere.<Class>.v0)
     functions: [mycompany.vebaq_functions]
-    triggers: [...]                 # see producer.routing
+    triggers: [...]                 # see vebaq.core.routing
     pools:
       vrops: {retry: 8, backoffPolicy: exponential, backoffDelay: PT2S, maxDelay: 10m}
     vrops:
@@ -26,7 +28,7 @@ The file is modelled on the VEBA router config; every key is optional::
       username: admin
       authSource: local
 
-Unknown keys and wrong types are refused with a :class:`~vebaq.errors.ConfigError` naming the
+Unknown keys and wrong types are refused with a :class:`~vebaq.core.errors.ConfigError` naming the
 key, e.g. ``vebaq.yaml: vcenter.pollIntervall: unknown key``.
 """
 
@@ -42,12 +44,15 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from producer.routing import DEFAULT_TRIGGERS, Trigger, parse_filter
-from vebaq.errors import ConfigError, one_line
-from vebaq.secrets import Secret, redact_url
+from vebaq.core.errors import ConfigError, one_line
+from vebaq.core.routing import DEFAULT_TRIGGERS, Trigger, parse_filter
+from vebaq.core.secrets import Secret, redact_url
 
 #: Where the broker is when nothing says otherwise (the Redis a developer runs locally).
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
+
+#: Seconds before a dead worker's unacked tasks are redelivered (``broker.visibilityTimeout``).
+DEFAULT_VISIBILITY_TIMEOUT = 300.0
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,9 @@ class RetryPolicy:
     max_delay: float = 600.0
     backoff: str = "exponential"
     jitter: bool = True
+    #: Longest server ``Retry-After`` honoured, in seconds (``maxRetryAfter``): a longer one is
+    #: cut to this, so a misbehaving server cannot park an event for days.
+    max_retry_after: float = 3600.0
 
     def delay(self, attempt: int, rand: Callable[[], float]) -> float:
         """Seconds to wait before retry number ``attempt`` (1-based); ``rand`` gives [0, 1)."""
@@ -110,6 +118,12 @@ class VropsSettings:
 @dataclass(frozen=True)
 class Settings:
     broker_url: str = DEFAULT_BROKER_URL
+    #: Seconds after delivery before an unacked task (its worker died) goes back to its queue.
+    #: Retries never wait in worker memory, so this only has to exceed the longest task run.
+    visibility_timeout: float = DEFAULT_VISIBILITY_TIMEOUT
+    #: A "task-sent" event per message, so that Flower shows each task's queue and the tasks
+    #: still waiting in it; costs a second publish per task.
+    task_sent_events: bool = True
     vcenter: VCenterSettings = field(default_factory=VCenterSettings)
     vrops: VropsSettings = field(default_factory=VropsSettings)
     #: ``router`` (com.vmware.event.router/event …) or ``vsphere`` (com.vmware.vsphere.X.v0).
@@ -118,6 +132,10 @@ class Settings:
     retry: Mapping[str, RetryPolicy] = field(default_factory=dict)
     #: Extra modules that register functions (imported by producer and workers alike).
     functions: tuple[str, ...] = ()
+    #: Where the settings came from (the file's path, or ``config``), for error messages.
+    source: str = "config"
+    #: ``triggers`` came from the defaults, not the file (see :func:`check_pools`).
+    default_triggers: bool = True
 
     def retry_policy(self, pool: str) -> RetryPolicy:
         return self.retry.get(pool, RetryPolicy())
@@ -254,13 +272,18 @@ _RETRY = {
     "backoffDelay": ("initial_delay", parse_duration),
     "initialDelay": ("initial_delay", parse_duration),
     "maxDelay": ("max_delay", parse_duration),
+    "maxRetryAfter": ("max_retry_after", parse_duration),
     "jitter": ("jitter", _boolean),
 }
+#: Keys of the ``broker`` section (parsed in :func:`_build`).
+_BROKER = ("url", "visibilityTimeout", "taskSentEvents")
 _TOP_LEVEL = ("broker", "vcenter", "cloudevents", "functions", "triggers", "pools", "vrops",
               "apiVersion", "kind")
 
 #: Environment variables → (section, file key). Env wins over the file.
 ENVIRONMENT: dict[str, tuple[str, str]] = {
+    "VEBAQ_VISIBILITY_TIMEOUT": ("broker", "visibilityTimeout"),
+    "VEBAQ_TASK_SENT_EVENTS": ("broker", "taskSentEvents"),
     "VCENTER_URL": ("vcenter", "url"),
     "VCENTER_USER": ("vcenter", "username"),
     "VCENTER_PASSWORD": ("vcenter", "password"),
@@ -296,7 +319,7 @@ def _apply(obj: Any, raw: Any, fields: dict[str, tuple[str, Callable]], path: st
     return replace(obj, **changes)
 
 
-def _parse_triggers(raw: Any, known_pools: set[str] | None) -> tuple[Trigger, ...]:
+def _parse_triggers(raw: Any) -> tuple[Trigger, ...]:
     if not isinstance(raw, list):
         raise ConfigError("triggers: expected a list")
     triggers = []
@@ -311,9 +334,6 @@ def _parse_triggers(raw: Any, known_pools: set[str] | None) -> tuple[Trigger, ..
         if "pool" not in item:
             raise ConfigError(f"{path}.pool: missing (the worker pool that gets these events)")
         pool = _string(item["pool"], f"{path}.pool")
-        if known_pools is not None and pool not in known_pools:
-            raise ConfigError(f"{path}.pool: unknown pool {pool!r} "
-                              f"(known pools: {', '.join(sorted(known_pools))})")
         filters = item.get("filters") or []
         if not isinstance(filters, list):
             raise ConfigError(f"{path}.filters: expected a list of filters")
@@ -352,13 +372,34 @@ def load(path: str | os.PathLike | None = None, environ: Mapping[str, str] | Non
             raise ConfigError(f"{where}: expected a mapping at the top level")
         raw = loaded or {}
     try:
-        return _build(raw, environ, known_pools)
+        settings = _build(raw, environ)
     except ConfigError as exc:
         raise ConfigError(one_line(f"{where}: {exc}")) from None
+    settings = replace(settings, source=where)
+    return settings if known_pools is None else check_pools(settings, known_pools)
 
 
-def _build(raw: dict[str, Any], environ: Mapping[str, str],
-           known_pools: set[str] | None) -> Settings:
+def check_pools(settings: Settings, known_pools: set[str]) -> Settings:
+    """Refuse triggers and pool sections naming a pool no function module registers (events
+    sent there would wait for a worker that never comes); default triggers for pools that do
+    not exist are dropped instead."""
+    known = ", ".join(sorted(known_pools))
+    if settings.default_triggers:
+        triggers = tuple(t for t in settings.triggers if t.pool in known_pools)
+    else:
+        triggers = settings.triggers
+        for i, trigger in enumerate(triggers):
+            if trigger.pool not in known_pools:
+                raise ConfigError(one_line(f"{settings.source}: triggers[{i}].pool: unknown pool "
+                                           f"{trigger.pool!r} (known pools: {known})"))
+    for pool in settings.retry:
+        if pool not in known_pools:
+            raise ConfigError(one_line(f"{settings.source}: pools.{pool}: unknown pool "
+                                       f"(known pools: {known})"))
+    return replace(settings, triggers=triggers)
+
+
+def _build(raw: dict[str, Any], environ: Mapping[str, str]) -> Settings:
     for key in raw:
         if key not in _TOP_LEVEL:
             raise ConfigError(f"{key}: unknown key (expected one of {', '.join(_TOP_LEVEL)})")
@@ -375,9 +416,16 @@ def _build(raw: dict[str, Any], environ: Mapping[str, str],
             sections[section][key] = environ[env_name]
 
     broker = sections["broker"]
-    unknown = set(broker) - {"url"}
+    unknown = set(broker) - set(_BROKER)
     if unknown:
-        raise ConfigError(f"broker.{sorted(unknown)[0]}: unknown key (expected url)")
+        raise ConfigError(f"broker.{sorted(unknown)[0]}: unknown key "
+                          f"(expected one of {', '.join(_BROKER)})")
+    visibility_timeout = parse_duration(broker.get("visibilityTimeout",
+                                                   DEFAULT_VISIBILITY_TIMEOUT),
+                                        "broker.visibilityTimeout")
+    if visibility_timeout <= 0:
+        raise ConfigError("broker.visibilityTimeout: must be > 0")
+    task_sent_events = _boolean(broker.get("taskSentEvents", True), "broker.taskSentEvents")
     broker_url = environ.get("VEBAQ_BROKER_URL") or broker.get("url") or DEFAULT_BROKER_URL
     check_broker_url(_string(broker_url, "broker.url"),
                      "VEBAQ_BROKER_URL" if environ.get("VEBAQ_BROKER_URL") else "broker.url")
@@ -420,17 +468,14 @@ def _build(raw: dict[str, Any], environ: Mapping[str, str],
                 pool_raw, Mapping) else ["<not a mapping>"]
             raise ConfigError(f"pools.{pool}.{extra[0]}: unknown key "
                               f"(expected one of {', '.join(sorted(_RETRY))})")
-        if known_pools is not None and pool not in known_pools:
-            raise ConfigError(f"pools.{pool}: unknown pool "
-                              f"(known pools: {', '.join(sorted(known_pools))})")
         retry[pool] = _apply(RetryPolicy(), pool_raw, _RETRY, f"pools.{pool}")
 
     triggers = DEFAULT_TRIGGERS
     if "triggers" in raw:
-        triggers = _parse_triggers(raw["triggers"], known_pools)
-    elif known_pools is not None:
-        triggers = tuple(t for t in DEFAULT_TRIGGERS if t.pool in known_pools)
+        triggers = _parse_triggers(raw["triggers"])
 
-    return Settings(broker_url=broker_url, vcenter=vcenter, vrops=vrops,
+    return Settings(broker_url=broker_url, visibility_timeout=visibility_timeout,
+                    task_sent_events=task_sent_events, vcenter=vcenter, vrops=vrops,
                     cloudevent_type=cloudevent_type, triggers=triggers, retry=retry,
-                    functions=tuple(m.strip() for m in functions))
+                    functions=tuple(m.strip() for m in functions),
+                    default_triggers="triggers" not in raw)

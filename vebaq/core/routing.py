@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from vebaq.errors import ConfigError
+from vebaq.core.errors import ConfigError
 
 #: Attributes mapped to the string they are compared with by ``exact``/``prefix``/``suffix``.
 Attributes = Mapping[str, Any]

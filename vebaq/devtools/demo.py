@@ -18,8 +18,8 @@ With ``--fake-vrops URL`` it first registers the simulator's hosts in the fake v
 It drives simulators only: before anything it checks that the endpoint answers ``/about`` the way
 govmomi's ``vcsim`` does, and refuses a real vCenter.
 
-Run it as ``python -m vebaq.demo`` (the compose ``demo`` profile's ``demo-driver``); it reads
-``VCENTER_URL``, ``VCENTER_USER``, ``VCENTER_PASSWORD`` and ``VCENTER_INSECURE_SSL`` like the
+Run it as ``python -m vebaq.devtools.demo`` (the compose ``demo`` profile's ``demo-driver``); it
+reads ``VCENTER_URL``, ``VCENTER_USER``, ``VCENTER_PASSWORD`` and ``VCENTER_INSECURE_SSL`` like the
 producer. ``--count N`` stops after N actions.
 """
 
@@ -41,9 +41,10 @@ from urllib.parse import urlsplit, urlunsplit
 
 from pyVmomi import vim
 
-from vebaq import config
-from vebaq.errors import ConfigError, VCenterError, VebaqError
-from vebaq.secrets import Secret
+from producer.vcenter import connect, ssl_context
+from vebaq.core import config
+from vebaq.core.errors import ConfigError, VCenterError, VebaqError
+from vebaq.core.secrets import Secret
 
 logger = logging.getLogger("vebaq.demo")
 
@@ -66,8 +67,6 @@ def check_simulator(settings: config.VCenterSettings, timeout: float = 10.0) -> 
 
     vcsim answers ``GET /about`` with JSON listing the ``Methods`` and ``Types`` it simulates; a
     real vCenter has no such page. Connection failures raise :class:`VCenterError` (retried)."""
-    from producer.vcenter import ssl_context
-
     url = about_url(settings.url or "")
     context = ssl_context(settings) if url.startswith("https") else None
     try:
@@ -206,7 +205,7 @@ class Driver:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m vebaq.demo",
+        prog="python -m vebaq.devtools.demo",
         description="Make things happen in a vCenter simulator (hosts in and out of maintenance "
                     "mode, VMs powered off and on) for the vebaq demo. Reads VCENTER_URL, "
                     "VCENTER_USER, VCENTER_PASSWORD and VCENTER_INSECURE_SSL.")
@@ -227,8 +226,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace, stop: threading.Event) -> int:
-    from producer.vcenter import connect
-
     settings = config.load().vcenter
     if not settings.url:
         raise ConfigError("VCENTER_URL is not set (the simulator's SDK URL, e.g. "
@@ -270,7 +267,7 @@ def run(args: argparse.Namespace, stop: threading.Event) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m vebaq.demo``: one line per action; errors as one line and exit status."""
+    """``python -m vebaq.devtools.demo``: a line per action; errors as one line and a status."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s demo: %(message)s",
                         stream=sys.stdout)
@@ -286,10 +283,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run(args, stop)
     except VebaqError as exc:
-        print(f"vebaq.demo: error: {exc}", file=sys.stderr, flush=True)
+        print(f"vebaq.devtools.demo: error: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code
     except OSError as exc:
-        print(f"vebaq.demo: error: {exc}", file=sys.stderr, flush=True)
+        print(f"vebaq.devtools.demo: error: {exc}", file=sys.stderr, flush=True)
         return 1
 
 

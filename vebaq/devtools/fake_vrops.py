@@ -26,7 +26,8 @@ Use it from tests::
     with FakeVrops(hosts=[("esx01", "host-19", vc_uuid)], token_ttl=2) as fake:
         ... fake.url ..., fake.state(fake.resource_id("host-19", vc_uuid)), fake.calls
 
-or run it for a demo: ``python -m vebaq.fake_vrops --port 8090 --host esx01=host-19@<vc uuid>``.
+or run it for a demo:
+``python -m vebaq.devtools.fake_vrops --port 8090 --host esx01=host-19@<vc uuid>``.
 """
 
 from __future__ import annotations
@@ -528,8 +529,8 @@ def parse_host(text: str) -> tuple[str, str, str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the fake until interrupted (``python -m vebaq.fake_vrops --help``)."""
-    parser = argparse.ArgumentParser(prog="python -m vebaq.fake_vrops",
+    """Run the fake until interrupted (``python -m vebaq.devtools.fake_vrops --help``)."""
+    parser = argparse.ArgumentParser(prog="python -m vebaq.devtools.fake_vrops",
                                      description="A fake vROps suite-api for demos and tests.")
     parser.add_argument("--bind", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=8090)

@@ -10,34 +10,8 @@ from __future__ import annotations
 
 import socket
 import threading
-from typing import Any
 
 from fakeredis import TcpFakeServer
-from fakeredis._clients._tcp_server import TCPFakeRequestHandler
-
-
-class _StayConnected(TCPFakeRequestHandler):
-    """fakeredis's handler closes a connection after any error reply; Redis does not, and
-    redis-py's scripts rely on that (``EVALSHA`` → ``NOSCRIPT`` → ``SCRIPT LOAD`` on the same
-    connection). This handler goes on serving the connection after an error reply."""
-
-    def setup(self) -> None:
-        super().setup()
-        self.replied_error = False
-        dump = self.writer.dump
-
-        def dump_and_note(value: Any) -> None:
-            self.replied_error = self.replied_error or isinstance(value, Exception)
-            dump(value)
-
-        self.writer.dump = dump_and_note
-
-    def handle(self) -> None:
-        while True:
-            self.replied_error = False
-            super().handle()  # returns on EOF, shutdown, or after replying an error
-            if not self.replied_error or self.server._shutdown_event.is_set():
-                return
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -54,8 +28,9 @@ class EmbeddedRedis:
 
     def __init__(self, port: int = 0) -> None:
         self.port = port or free_port()
+        # fakeredis ≥ 2.41 keeps serving a connection after an error reply, as Redis does
+        # (redis-py's scripts rely on it: EVALSHA → NOSCRIPT → SCRIPT LOAD on one connection).
         self.server = TcpFakeServer(("127.0.0.1", self.port), server_type="redis")
-        self.server.RequestHandlerClass = _StayConnected
         self.thread = threading.Thread(target=self.server.serve_forever, name="embedded-redis",
                                        daemon=True)
 
@@ -73,7 +48,7 @@ class EmbeddedRedis:
 
 
 def main() -> None:
-    """``python -m vebaq.embedded [PORT]``: serve until interrupted (tests use it as a process)."""
+    """``python -m vebaq.devtools.embedded [PORT]``: serve until interrupted."""
     import sys
 
     redis = EmbeddedRedis(int(sys.argv[1]) if len(sys.argv) > 1 else 0).start()

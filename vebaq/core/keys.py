@@ -1,0 +1,73 @@
+"""Every Redis key vebaq writes itself, in one place (kombu's queue keys are kombu's own: a
+pool's queue is the list named after the pool).
+
+Keys are built by the functions and constants here and nowhere else, so that a reader can see at
+a glance what vebaq keeps in Redis and who owns what.
+"""
+
+from __future__ import annotations
+
+#: Prefix of every key vebaq writes.
+PREFIX = "vebaq"
+
+# --- producer: position in each vCenter's event stream, and who reads it
+
+def checkpoint(instance_uuid: str) -> str:
+    """JSON of the last event whose enqueue Redis confirmed (:mod:`producer.checkpoint`)."""
+    return f"{PREFIX}:checkpoint:{instance_uuid}"
+
+
+def published(instance_uuid: str) -> str:
+    """Sorted set of recently published event keys, scored by creation time."""
+    return f"{PREFIX}:published:{instance_uuid}"
+
+
+def key_epoch(instance_uuid: str) -> str:
+    """Counter bumped when a vCenter numbers its events anew."""
+    return f"{PREFIX}:key-epoch:{instance_uuid}"
+
+
+def lease(scope: str) -> str:
+    """The producer lease for one vCenter (:mod:`producer.lease`)."""
+    return f"{PREFIX}:lease:{scope}"
+
+
+# --- workers: what already ran, and the vrops pool's per-host state
+
+def done(pool: str, function: str, event_id: str) -> str:
+    """Done marker of one function for one event (:mod:`vebaq.core.done`)."""
+    return f"{PREFIX}:done:{pool}:{function}:{event_id}"
+
+
+def vrops_applied(vc_uuid: str, moref: str) -> str:
+    """Hash with the latest maintenance event applied to one host in vROps."""
+    return f"{PREFIX}:vrops:applied:{vc_uuid}:{moref}"
+
+
+def vrops_lock(vc_uuid: str, moref: str) -> str:
+    """Per-host lock of the vrops pool."""
+    return f"{PREFIX}:vrops:lock:{vc_uuid}:{moref}"
+
+
+# --- retries waiting for their back-off (:mod:`vebaq.core.retrystore`)
+
+#: Sorted set of retry id → epoch seconds when it is due.
+RETRIES_DUE = f"{PREFIX}:retries:due"
+#: Sorted set of retry id → lease deadline: claimed by a worker that is sending it.
+RETRIES_CLAIMED = f"{PREFIX}:retries:claimed"
+#: Hash of retry id → JSON record.
+RETRIES_RECORDS = f"{PREFIX}:retries:records"
+
+# --- dead letters (:mod:`vebaq.core.deadletters`)
+
+#: Hash of dead-letter id → JSON record.
+DEAD_LETTER_RECORDS = f"{PREFIX}:dlq:records"
+#: Sorted set of dead-letter ids scored by the time they were dead-lettered.
+DEAD_LETTER_INDEX = f"{PREFIX}:dlq:index"
+#: Hash of JSON ``[subject, pool]`` → number of dead letters.
+DEAD_LETTER_COUNTS = f"{PREFIX}:dlq:counts"
+
+
+def dead_letter_replay_lock(letter_id: str) -> str:
+    """Held while one dead letter is being replayed, so two replays of it send one task."""
+    return f"{PREFIX}:dlq:replaying:{letter_id}"

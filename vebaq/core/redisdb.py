@@ -1,0 +1,56 @@
+"""The Redis client every vebaq process uses for its own keys, and the one way Lua runs.
+
+:func:`client` gives one client per (process, URL): safe across prefork's ``fork`` (a child never
+reuses its parent's sockets). :class:`Script` is how every Lua script in vebaq is defined and
+run: once per module, called with the client, its keys and its arguments (``EVALSHA``, loading
+the script again after ``NOSCRIPT``, e.g. after a Redis restart).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Sequence
+
+import redis
+from redis.commands.core import Script as _RedisScript
+
+#: Seconds a command may take before the client gives up (a hung Redis is an error, not a hang).
+SOCKET_TIMEOUT = 10.0
+#: Seconds to establish a connection.
+CONNECT_TIMEOUT = 5.0
+#: Seconds between pings on an idle pooled connection before it is reused.
+HEALTH_CHECK_INTERVAL = 30
+
+_clients: dict[tuple[int, str], redis.Redis] = {}
+_lock = threading.Lock()
+
+
+def connect(url: str, socket_timeout: float = SOCKET_TIMEOUT) -> redis.Redis:
+    """A new client for ``url`` (the caller owns and closes it)."""
+    return redis.Redis.from_url(url, socket_timeout=socket_timeout,
+                                socket_connect_timeout=CONNECT_TIMEOUT,
+                                health_check_interval=HEALTH_CHECK_INTERVAL)
+
+
+def client(url: str) -> redis.Redis:
+    """The shared client for ``url`` in this process."""
+    key = (os.getpid(), url)
+    with _lock:
+        if key not in _clients:
+            _clients[key] = connect(url)
+        return _clients[key]
+
+
+class Script:
+    """A Lua script, defined once at module level and run with any client.
+
+    :param source: the Lua text.
+    """
+
+    def __init__(self, source: str) -> None:
+        self._script = _RedisScript(None, source.encode())
+
+    def __call__(self, r: redis.Redis, keys: Sequence[str] = (),
+                 args: Sequence[object] = ()) -> object:
+        return self._script(keys=list(keys), args=list(args), client=r)
