@@ -106,7 +106,8 @@ class TaskMessage:
             except ValueError as exc:
                 raise PoisonMessage(f"invalid CloudEvent: not JSON: {exc}") from None
         if not isinstance(event, Mapping):
-            raise PoisonMessage(f"event must be a structured CloudEvent, got {type(event).__name__}")
+            kind = type(event).__name__
+            raise PoisonMessage(f"event must be a structured CloudEvent, got {kind}")
         attempt = kwargs.get("attempt", 1)
         if not isinstance(attempt, int) or isinstance(attempt, bool) or attempt < 1:
             raise PoisonMessage(f"attempt must be a whole number ≥ 1, got {attempt!r}")
