@@ -67,13 +67,6 @@ def event_id(instance_uuid: str, key: int, key_epoch: int = 0) -> str:
     return str(uuid.uuid5(ID_NAMESPACE, f"{scope}/{key}"))
 
 
-def format_time(value: datetime) -> str:
-    """RFC 3339 in UTC with microseconds: ``2021-05-06T16:20:05.137999Z``."""
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
 def pascal(name: str) -> str:
     return name[:1].upper() + name[1:]
 

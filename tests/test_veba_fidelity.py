@@ -19,13 +19,13 @@ from producer.cloudevent import (
     _GOVMOMI_STRUCTS,
     _POINTER_FIELDS,
     GO_ZERO_TIME,
-    event_classes,
     go_time,
     pascal,
     to_cloudevent,
     to_data,
-    to_structured,
 )
+from vebaq.core.envelope import to_structured
+from vebaq.core.subjects import event_classes
 
 VC_UUID = "6ef4d9e4-4f7b-4c9e-9b3b-0f3c8a1d2e11"
 
