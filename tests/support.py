@@ -118,10 +118,11 @@ def start_producer(env: dict[str, str], log_dir: Path, name: str = "producer") -
 # --- the vCenter simulator
 
 def build_vcsim() -> Path:
-    """Build the simulator from tests/vcsim/main.go (cached in .cache/); fail with the fix."""
+    """Build the simulator from tests/vcsim/*.go (cached in .cache/, rebuilt when any of them
+    is newer); fail with the fix."""
     binary = CACHE / "vcsim-lite"
-    source = VCSIM_SOURCE / "main.go"
-    if binary.exists() and binary.stat().st_mtime >= source.stat().st_mtime:
+    newest = max(source.stat().st_mtime for source in VCSIM_SOURCE.glob("*.go"))
+    if binary.exists() and binary.stat().st_mtime >= newest:
         return binary
     go = shutil.which("go")
     if go is None or not Path(GOPATH, "src/github.com/vmware/govmomi/simulator").is_dir():

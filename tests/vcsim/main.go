@@ -1,8 +1,21 @@
 // vcsim-lite: govmomi's vCenter simulator (simulator.VPX model) as a test peer for vebaq.
 //
-// Built offline in GOPATH mode from Debian's golang-github-vmware-govmomi-dev; see
-// tests/vcsim.py, which builds and starts it. Prints the SDK URL on stdout once listening and
-// stops on SIGTERM/SIGINT or when its stdin closes (so a crashed test run leaves no simulator).
+// Built offline in GOPATH mode from Debian's golang-github-vmware-govmomi-dev (0.24.2); see
+// build_vcsim and Simulator in tests/support.py, which build and start it. Prints the SDK URL
+// on stdout once listening and stops on SIGTERM/SIGINT or when its stdin closes (so a crashed
+// test run leaves no simulator).
+//
+// By default it is a faithful peer for reading events (events.go, propcollector.go, front.go):
+// event collectors that page forward and honour their filter, as a vCenter does (vSphere API
+// reference), with current govmomi's limits (collectors that go stale silently past
+// -collector-capacity unread events, -max-collectors collectors in all), an event retention,
+// EventManager.latestEvent kept current, and a property collector whose WaitForUpdatesEx wakes
+// at once. -legacy-events leaves Debian 0.24's own event manager and property collector as
+// they are (collectors that do not page forward: what older vmware/vcsim images do).
+//
+// Test hooks, outside the SOAP API, on the same listener: GET /vebaq/collectors (front.go).
+// Sessions: SessionManager.TerminateSession (Debian's) ends another session; that session's
+// later calls fail with NotAuthenticated, and a wait it has under way ends with that fault.
 package main
 
 import (
@@ -24,6 +37,12 @@ func main() {
 	user := flag.String("username", "", "required user name (empty: any non-empty name logs in)")
 	pass := flag.String("password", "", "required password")
 	hosts := flag.Int("host", 3, "hosts per cluster")
+	legacy := flag.Bool("legacy-events", false,
+		"keep govmomi 0.24's own event collectors and property collector (no paging forward)")
+	capacity := flag.Int("collector-capacity", 1001,
+		"events a collector holds; past that many unread it goes stale silently (0: no limit)")
+	maxCollectors := flag.Int("max-collectors", 32, "event collectors in all, across sessions")
+	retention := flag.Int("event-retention", 100000, "events the event manager keeps")
 	flag.Parse()
 
 	model := simulator.VPX()
@@ -31,6 +50,11 @@ func main() {
 	if err := model.Create(); err != nil {
 		fmt.Fprintln(os.Stderr, "vcsim-lite:", err)
 		os.Exit(1)
+	}
+	var events *peer
+	if !*legacy {
+		events = installPeer(peerConfig{capacity: *capacity, maxCollectors: *maxCollectors,
+			retention: *retention})
 	}
 	listen := &url.URL{Host: *addr}
 	if *user != "" {
@@ -41,6 +65,8 @@ func main() {
 		model.Service.TLS = new(tls.Config)
 	}
 	server := model.Service.NewServer()
+	// Set before anyone knows the address (printed below), so before the first request.
+	server.Config.Handler = newFront(server.Config.Handler, events)
 	sdk := *server.URL
 	sdk.User = nil
 	fmt.Println(sdk.String())
