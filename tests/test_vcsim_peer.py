@@ -224,7 +224,24 @@ def test_terminate_session(simulator: Callable[..., str]) -> None:
     key = victim.content.sessionManager.currentSession.key
     with pytest.raises(vmodl.fault.InvalidArgument):  # not one's own session
         victim.content.sessionManager.TerminateSession([key])
+    pc, version = latest_page_waiter(victim, collector)
+    waited: dict = {}
+
+    def wait() -> None:
+        started = time.monotonic()
+        try:
+            pc.WaitForUpdatesEx(version, vmodl.query.PropertyCollector.WaitOptions(
+                maxWaitSeconds=10))
+        except vim.fault.NotAuthenticated as exc:
+            waited["fault"] = exc
+        waited["took"] = time.monotonic() - started
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    time.sleep(0.2)
     admin.content.sessionManager.TerminateSession([key])
+    waiter.join(15)
+    assert "fault" in waited and waited["took"] < 2.5  # a wait under way ends too
     with pytest.raises(vim.fault.NotAuthenticated):
         collector.ReadNextEvents(10)
     with pytest.raises(vim.fault.NotAuthenticated):
