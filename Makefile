@@ -20,7 +20,7 @@ lint: install
 	$(BIN)/ruff check .
 
 test: install
-	./scripts/simulator-deps
+	./scripts/test-deps
 	$(BIN)/ruff check .
 	$(BIN)/pytest
 
@@ -28,7 +28,7 @@ run: install
 	$(BIN)/vebaq dev
 
 bench: install
-	./scripts/simulator-deps
+	./scripts/test-deps
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	$(BIN)/python -m bench --publish
 

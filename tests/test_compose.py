@@ -626,7 +626,7 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
     reason = docker_engine()
     if reason:
         pytest.skip(f"compose end-to-end test NOT RUN: no Docker engine here ({reason}); "
-                    f"start one with ../shared/tools/docker-local or Docker Desktop")
+                    f"start Docker (Docker Engine or Docker Desktop) to run it")
     stack = Stack(tmp_path, time.monotonic() + E2E_BUDGET)
     remove_abandoned_stacks(stack)
     try:
