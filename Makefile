@@ -21,7 +21,7 @@ lint: install
 	$(BIN)/lint-imports
 
 test: install
-	./scripts/simulator-deps
+	./scripts/test-deps
 	$(MAKE) --no-print-directory lint
 	$(BIN)/pytest
 
@@ -29,7 +29,7 @@ run: install
 	$(BIN)/vebaq dev
 
 bench: install
-	./scripts/simulator-deps
+	./scripts/test-deps
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	$(BIN)/python -m bench --publish
 

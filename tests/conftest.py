@@ -1,16 +1,15 @@
 """Fixtures on real parts: Redis over TCP, the vCenter simulator, worker and producer processes.
 
-Redis: ``$VEBAQ_TEST_REDIS_URL``, else 127.0.0.1:6379 if it answers, else a ``redis-server`` we
-start on a free port, else the embedded (fakeredis) server. The choice is printed, never a
-silent skip. Tests use database :data:`TEST_DB` and flush it before each test.
+Redis: a ``redis-server`` the session starts on a free loopback port (never a Redis that happens
+to run on the machine), or ``$VEBAQ_TEST_REDIS_URL`` when set explicitly. The choice is printed.
+Without redis-server the tests that need Redis fail with one line saying how to install it. Tests
+use database :data:`TEST_DB` and flush it before each test.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,8 +18,8 @@ import pytest
 import redis
 from hypothesis import settings as hypothesis_settings
 
-from tests.support import Simulator, VCenter, build_vcsim, wait_until
-from vebaq.devtools.embedded import EmbeddedRedis, free_port
+from tests.support import RedisServer, Simulator, VCenter, build_vcsim
+from vebaq.core.secrets import redact_url
 
 # In CI, property tests draw the same examples every run: a failure there is reproducible.
 hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True)
@@ -31,40 +30,21 @@ if os.environ.get("CI"):
 TEST_DB = int(os.environ.get("VEBAQ_TEST_DB", "9"))
 
 
-def _answers(url: str) -> bool:
-    try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
-    except redis.RedisError:
-        return False
-
-
 @pytest.fixture(scope="session")
-def redis_base() -> Iterator[str]:
-    """``redis://host:port`` of a real Redis server reachable over TCP."""
+def redis_base(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``redis://host:port`` of a real Redis server the session owns."""
     configured = os.environ.get("VEBAQ_TEST_REDIS_URL")
     if configured:
+        print(f"\n[vebaq tests] Redis: VEBAQ_TEST_REDIS_URL={redact_url(configured)}")
         yield configured.rstrip("/")
         return
-    if _answers("redis://127.0.0.1:6379/0"):
-        print("\n[vebaq tests] Redis: the local server at 127.0.0.1:6379")
-        yield "redis://127.0.0.1:6379"
-        return
-    server = shutil.which("redis-server")
-    if server:
-        port = free_port()
-        workdir = tempfile.mkdtemp(prefix="vebaq-redis-")
-        proc = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1",
-                                 "--save", "", "--appendonly", "no", "--dir", workdir],
-                                stdout=subprocess.DEVNULL)
-        wait_until(lambda: _answers(f"redis://127.0.0.1:{port}/0"), 10, "redis-server")
-        print(f"\n[vebaq tests] Redis: started redis-server on port {port}")
-        yield f"redis://127.0.0.1:{port}"
-        proc.terminate()
-        return
-    embedded = EmbeddedRedis().start()
-    print(f"\n[vebaq tests] Redis: no server found, using the embedded one on {embedded.port}")
-    yield f"redis://127.0.0.1:{embedded.port}"
-    embedded.stop()
+    try:
+        server = RedisServer(tmp_path_factory.mktemp("redis"), "--appendonly", "no")
+    except RuntimeError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    print(f"\n[vebaq tests] Redis: started redis-server on 127.0.0.1:{server.port}")
+    yield server.url().removesuffix("/0")
+    server.stop()
 
 
 @pytest.fixture
@@ -149,4 +129,8 @@ def _fresh_worker_settings() -> Iterator[None]:
 
 
 def pytest_report_header() -> list[str]:
-    return [f"vebaq tests: Redis database {TEST_DB}, started {time.strftime('%H:%M:%S')}"]
+    configured = os.environ.get("VEBAQ_TEST_REDIS_URL")
+    source = f"VEBAQ_TEST_REDIS_URL={redact_url(configured)}" if configured else \
+        f"a redis-server of their own ({shutil.which('redis-server')}) on a free loopback port"
+    return [f"vebaq tests: Redis: {source}, database {TEST_DB}; "
+            f"started {time.strftime('%H:%M:%S')}"]

@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import redis
 from pyVim.connect import Disconnect, SmartConnect
 from pyVmomi import vim
 
@@ -23,6 +25,16 @@ VCSIM_SOURCE = ROOT / "tests" / "vcsim"
 #: Debian's govmomi library, which the simulator is built from (GOPATH mode, offline).
 GOPATH = "/usr/share/gocode"
 VCSIM_PACKAGES = "golang-go golang-github-vmware-govmomi-dev golang-github-google-uuid-dev"
+#: How to get the redis-server the tests start (``make test`` runs scripts/test-deps, which does).
+REDIS_HINT = ("the tests start their own redis-server, and none is on PATH: run `make test` "
+              "(scripts/test-deps installs it) or `sudo apt-get install redis-server`")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
 
 
 def wait_until(condition: Callable[[], object], timeout: float, what: str,
@@ -113,6 +125,62 @@ def start_producer(env: dict[str, str], log_dir: Path, name: str = "producer") -
     proc = Proc(name, vebaq_argv("producer", "--metrics-port", "0"), env, log_dir)
     proc.wait_for(r"reading vCenter", timeout=60)
     return proc
+
+
+# --- Redis servers of the tests' own
+
+def pings(url: str, timeout: float = 1) -> bool:
+    try:
+        with redis.Redis.from_url(url, socket_connect_timeout=timeout) as client:
+            return bool(client.ping())
+    except redis.RedisError:
+        return False
+
+
+class RedisServer:
+    """A ``redis-server`` on a free loopback port, in ``workdir``, for the tests alone: never the
+    machine's own Redis. ``args`` are extra server options (``--requirepass``, ``--appendonly``…);
+    :meth:`kill` and :meth:`start` restart it on the same port and files."""
+
+    def __init__(self, workdir: Path, *args: str, password: str | None = None) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError(REDIS_HINT)
+        self.port = free_port()
+        self.password = password
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.argv = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
+                     str(workdir), "--save", "", *args]
+        if password:
+            self.argv += ["--requirepass", password]
+        self.popen: subprocess.Popen | None = None
+        self.start()
+
+    def url(self, db: int = 0) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/{db}"
+
+    def start(self, timeout: float = 20) -> None:
+        self.popen = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL,
+                                      stdin=subprocess.DEVNULL)
+        wait_until(lambda: pings(self.url(), 0.5) or self.popen.poll() is not None, timeout,
+                   f"redis-server on port {self.port}")
+        if self.popen.poll() is not None:
+            raise RuntimeError(f"redis-server exited ({self.popen.returncode}): "
+                               f"{' '.join(self.argv)}")
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, only what it persisted survives."""
+        self.popen.kill()
+        self.popen.wait(10)
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
 
 
 # --- the vCenter simulator

@@ -33,8 +33,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.support import wait_until
-from vebaq.devtools.embedded import free_port
+from tests.support import free_port, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "compose.yaml"
@@ -625,7 +624,7 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
     reason = docker_engine()
     if reason:
         pytest.skip(f"compose end-to-end test NOT RUN: no Docker engine here ({reason}); "
-                    f"start one with ../shared/tools/docker-local or Docker Desktop")
+                    f"start Docker (Docker Engine or Docker Desktop) to run it")
     stack = Stack(tmp_path, time.monotonic() + E2E_BUDGET)
     remove_abandoned_stacks(stack)
     try:

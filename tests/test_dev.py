@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import ROOT, wait_until
-from vebaq.devtools.embedded import free_port
+from tests.support import ROOT, free_port, wait_until
 
 pytestmark = pytest.mark.slow
 

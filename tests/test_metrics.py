@@ -10,9 +10,8 @@ import pytest
 import redis
 from pyVmomi import vim
 
-from tests.support import Proc, VCenter, vebaq_argv, wait_until
+from tests.support import Proc, VCenter, free_port, vebaq_argv, wait_until
 from vebaq.core import deadletters
-from vebaq.devtools.embedded import free_port
 
 pytestmark = pytest.mark.slow
 

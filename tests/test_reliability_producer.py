@@ -19,11 +19,11 @@ from tests.support import (
     Simulator,
     VCenter,
     build_vcsim,
+    free_port,
     start_producer,
     vebaq_argv,
     wait_until,
 )
-from vebaq.devtools.embedded import free_port
 
 pytestmark = pytest.mark.slow
 

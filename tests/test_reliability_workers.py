@@ -5,9 +5,7 @@ lost (must be 0)."""
 from __future__ import annotations
 
 import random
-import shutil
 import signal
-import subprocess
 import threading
 import time
 import uuid
@@ -21,11 +19,10 @@ from pyVmomi import vim
 
 from producer.cloudevent import event_id
 from tests import counting_functions as counting
-from tests.support import VCenter, start_producer, start_worker, wait_until
+from tests.support import RedisServer, VCenter, start_producer, start_worker, wait_until
 from vebaq.core.envelope import to_structured
 from vebaq.core.messages import TaskMessage
 from vebaq.core.publish import Publisher
-from vebaq.devtools.embedded import free_port
 from workers.app import create_app
 
 pytestmark = pytest.mark.slow
@@ -91,37 +88,19 @@ def test_kill_9_workers_during_a_thousand_events(stack_env: dict[str, str], log_
 @pytest.fixture
 def own_redis(tmp_path: Path) -> Iterator[tuple[str, callable]]:
     """A redis-server with append-only persistence (fsync always) that the test can restart."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.fail("this test restarts a Redis server: it needs redis-server on PATH",
-                    pytrace=False)
-    port = free_port()
-    data = tmp_path / "redis-data"
-    data.mkdir()
-    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data),
-            "--appendonly", "yes", "--appendfsync", "always", "--save", "",
-            "--maxmemory-policy", "noeviction"]
-    procs = [subprocess.Popen(argv, stdout=subprocess.DEVNULL)]
-    url = f"redis://127.0.0.1:{port}/0"
-    wait_until(lambda: _pings(url), 10, "redis-server")
+    try:
+        server = RedisServer(tmp_path / "redis-data", "--appendonly", "yes",
+                             "--appendfsync", "always", "--maxmemory-policy", "noeviction")
+    except RuntimeError as exc:
+        pytest.fail(str(exc), pytrace=False)
 
     def restart(down_for: float) -> None:
-        procs[-1].send_signal(signal.SIGKILL)  # a crash: only the append-only file survives
-        procs[-1].wait(10)
+        server.kill()  # a crash: only the append-only file survives
         time.sleep(down_for)
-        procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL))
-        wait_until(lambda: _pings(url), 20, "redis-server after the restart")
+        server.start()
 
-    yield url, restart
-    procs[-1].terminate()
-    procs[-1].wait(10)
-
-
-def _pings(url: str) -> bool:
-    try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5).ping())
-    except redis.RedisError:
-        return False
+    yield server.url(), restart
+    server.stop()
 
 
 def test_redis_restart_while_events_flow(stack_env: dict[str, str], log_dir: Path,

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-import shutil
 import subprocess
 import sys
 import urllib.request
@@ -19,15 +18,16 @@ import redis
 from tests.support import (
     ROOT,
     Proc,
+    RedisServer,
     Simulator,
     VCenter,
     build_vcsim,
+    free_port,
     start_producer,
     start_worker,
     wait_until,
 )
 from vebaq.core import deadletters
-from vebaq.devtools.embedded import free_port
 from vebaq.devtools.fake_vrops import FakeVrops
 
 pytestmark = pytest.mark.slow
@@ -40,26 +40,13 @@ FLOWER_SECRET = "flower-Secret-44aa"
 
 @pytest.fixture
 def guarded_redis(tmp_path: Path) -> Iterator[str]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.fail("this test runs a password-protected Redis: it needs redis-server",
-                    pytrace=False)
-    port = free_port()
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1",
-                             "--requirepass", REDIS_SECRET, "--save", "", "--dir", str(tmp_path)],
-                            stdout=subprocess.DEVNULL)
-    url = f"redis://:{REDIS_SECRET}@127.0.0.1:{port}/0"
-    wait_until(lambda: _pings(url), 10, "the password-protected Redis")
-    yield url
-    proc.terminate()
-    proc.wait(10)
-
-
-def _pings(url: str) -> bool:
+    """A password-protected redis-server of this test's own."""
     try:
-        return bool(redis.Redis.from_url(url).ping())
-    except redis.RedisError:
-        return False
+        server = RedisServer(tmp_path / "redis", password=REDIS_SECRET)
+    except RuntimeError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    yield server.url()
+    server.stop()
 
 
 def dump_redis(r: redis.Redis) -> str:

@@ -1,4 +1,4 @@
-"""The ``vrops`` pool's function against the fake vROps and a real Redis (DB 14).
+"""The ``vrops`` pool's function against the fake vROps and the tests' real Redis.
 
 Includes the issue's proof: 50 hosts, random enter/exit sequences, events reordered and processed
 by 4 threads with 20% injected 5xx and retries; vROps ends in every host's latest vCenter state.
@@ -24,7 +24,6 @@ from workers.functions import vrops
 from workers.pools import POOLS
 from workers.vrops_client import VropsRejected, VropsUnavailable
 
-BROKER_URL = "redis://127.0.0.1:6379/14"
 PASSWORD = "fn-test-pw-9x"
 VC_A = "3c9bd3f0-71a4-4d43-93d9-a1b2c3d4e5f6"
 VC_B = "7e1f0a22-5b3c-4c8d-8e9f-0a1b2c3d4e5f"
@@ -32,13 +31,10 @@ T0 = datetime(2024, 5, 6, 16, 20, 5, tzinfo=UTC)
 
 
 @pytest.fixture
-def r():
-    client = redis.Redis.from_url(BROKER_URL)
-    try:
-        client.ping()
-    except redis.ConnectionError:
-        pytest.skip("no Redis at 127.0.0.1:6379")
-    client.flushdb()
+def r(redis_url, monkeypatch):
+    """The tests' Redis (a flushed database), also the broker the function's settings name."""
+    monkeypatch.setenv("VEBAQ_BROKER_URL", redis_url)
+    client = redis.Redis.from_url(redis_url)
     yield client
     client.flushdb()
     client.close()
@@ -57,7 +53,6 @@ def fake(r, monkeypatch):
 def configure(monkeypatch, url: str | None) -> None:
     for name in ("VEBAQ_CONFIG", "VEBAQ_FUNCTIONS", "vropsFqdn", "vropsUser", "vropsPassword"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("VEBAQ_BROKER_URL", BROKER_URL)
     if url:
         monkeypatch.setenv("VROPS_URL", url)
     else:

@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.support import ROOT, VCenter, start_producer, start_worker, wait_until
+from tests.support import ROOT, VCenter, free_port, start_producer, start_worker, wait_until
 from vebaq.core import deadletters, retrystore
-from vebaq.devtools.embedded import free_port
 from vebaq.devtools.fake_vrops import DEFAULT_PASSWORD, DEFAULT_USERNAME, FakeVrops
 
 pytestmark = pytest.mark.slow
