@@ -6,8 +6,8 @@ rotates, so drift on a noisy machine hits each alike):
 
 ``pyvmomi``   the baseline: one collector (the reader's filter), ``ReadNextEvents`` pages of
               1,000 until a short page; nothing else.
-``reader``    :class:`producer.reader.EventReader` polling until it returns nothing (it also
-              reads ``latestPage``, which the simulator needs), no conversion.
+``reader``    :class:`producer.reader.EventReader` polling until it returns nothing (with its
+              stall watchdog's ``latestEvent`` read after the last page), no conversion.
 ``pipeline``  what the producer does per batch — ``EventReader.poll`` then
               :meth:`ProducerService._convert` (``to_cloudevent``, ``to_structured``,
               ``route``) and :meth:`ProducerService._publish` (``Publisher`` batch, then the
@@ -21,7 +21,6 @@ every event, vrops the maintenance ones); the baseline reads pages of 1,000.
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -30,7 +29,7 @@ from pyVmomi import vim
 
 from bench import events, redisdb
 from bench.profiles import VCSIM_RING, Profile
-from bench.simulator import SIMULATOR_ENV, Client
+from bench.simulator import Client
 from bench.stats import paired_ratio, summary
 from producer.checkpoint import CheckpointStore
 from producer.reader import MAX_PAGE_SIZE, EventReader, SeenKeys
@@ -45,11 +44,9 @@ SURPLUS = 50
 
 
 def settings_for(sim_url: str, redis_url: str) -> config.Settings:
-    """The producer's settings for the simulator: defaults, plus the ``latestPage`` fallback
-    the simulator needs (as the tests set it)."""
+    """The producer's default settings, for the simulator."""
     env = {"VEBAQ_BROKER_URL": redis_url, "VCENTER_URL": sim_url,
-           "VCENTER_USER": "vebaq-bench", "VCENTER_PASSWORD": "bench-password",
-           **SIMULATOR_ENV}
+           "VCENTER_USER": "vebaq-bench", "VCENTER_PASSWORD": "bench-password"}
     return config.load(environ=env, known_pools=load_functions())
 
 
@@ -69,9 +66,7 @@ def read_pyvmomi(session: Session, begin: datetime) -> tuple[int, float]:
     """Baseline: ``(events, seconds)`` of reading with a bare collector."""
     content = session.content
     started = time.perf_counter()
-    spec = vim.event.EventFilterSpec(
-        entity=vim.event.EventFilterSpec.ByEntity(entity=content.rootFolder, recursion="all"),
-        time=vim.event.EventFilterSpec.ByTime(beginTime=begin))
+    spec = vim.event.EventFilterSpec(time=vim.event.EventFilterSpec.ByTime(beginTime=begin))
     collector = content.eventManager.CreateCollectorForEvents(spec)
     collector.SetCollectorPageSize(MAX_PAGE_SIZE)
     count = 0
@@ -87,8 +82,7 @@ def read_pyvmomi(session: Session, begin: datetime) -> tuple[int, float]:
 def new_reader(session: Session, begin: datetime, settings: config.Settings) -> EventReader:
     """The producer's reader, configured as :meth:`ProducerService.start` does."""
     return EventReader(session.content, begin=begin, floor=begin, seen=SeenKeys(),
-                       page_size=settings.vcenter.page_size,
-                       latest_page_fallback=settings.vcenter.latest_page_fallback)
+                       page_size=settings.vcenter.page_size)
 
 
 def read_reader(session: Session, begin: datetime,
@@ -103,13 +97,6 @@ def read_reader(session: Session, begin: datetime,
         reader.confirmed([e.key for e in batch], begin)
     reader.close()
     return count, time.perf_counter() - started
-
-
-def read_reader_without_fallback(session: Session, begin: datetime,
-                                 settings: config.Settings) -> tuple[int, float]:
-    """:func:`read_reader` as configured for a real vCenter (no ``latestPage`` reads)."""
-    return read_reader(session, begin, replace(settings, vcenter=replace(
-        settings.vcenter, latest_page_fallback=False)))
 
 
 def run_pipeline(settings: config.Settings, app: Celery, session: Session,
@@ -148,14 +135,12 @@ def measure(profile: Profile, redis_url: str, sim_url: str) -> dict[str, Any]:
     session = connect(settings.vcenter)
     app = sender_app(settings, "bench-drain")
     r = redisdb.connect(redis_url)
-    rates: dict[str, list[float]] = {"pyvmomi": [], "reader": [], "reader_no_fallback": [],
-                                     "pipeline": []}
+    rates: dict[str, list[float]] = {"pyvmomi": [], "reader": [], "pipeline": []}
     counts: dict[str, int] = {}
     tasks = 0
     steps = {
         "pyvmomi": lambda: read_pyvmomi(session, begin),
         "reader": lambda: read_reader(session, begin, settings),
-        "reader_no_fallback": lambda: read_reader_without_fallback(session, begin, settings),
         "pipeline": lambda: run_pipeline(settings, app, session, begin),
     }
     try:
@@ -180,8 +165,5 @@ def measure(profile: Profile, redis_url: str, sim_url: str) -> dict[str, Any]:
         "events_per_s": {name: summary(values) for name, values in rates.items()},
         "ratio_pipeline_to_pyvmomi": paired_ratio(rates["pipeline"], rates["pyvmomi"]),
         "ratio_reader_to_pyvmomi": paired_ratio(rates["reader"], rates["pyvmomi"]),
-        "ratio_reader_no_fallback_to_pyvmomi": paired_ratio(rates["reader_no_fallback"],
-                                                            rates["pyvmomi"]),
-        "latest_page_fallback": settings.vcenter.latest_page_fallback,
         "tasks_per_s": summary([r * tasks / counts["pipeline"] for r in rates["pipeline"]]),
     }

@@ -26,7 +26,7 @@ from bench import events, redisdb
 from bench.latency_functions import SAMPLES
 from bench.procs import child_env, start_producer, start_vebaq_worker, stop_all
 from bench.profiles import Profile
-from bench.simulator import SIMULATOR_ENV, Client, SimulatorHung, VcSim
+from bench.simulator import Client, SimulatorHung, VcSim
 from bench.stats import percentiles, summary
 from tests.support import Proc
 
@@ -98,8 +98,7 @@ def run_interval(profile: Profile, redis_url: str, sim_url: str, interval: float
                       f"{CONFIG}vcenter:\n  maxPollInterval: {interval}\n", encoding="utf-8")
     env = child_env(redis_url, VCENTER_URL=sim_url, VCENTER_USER="vebaq-bench",
                     VCENTER_PASSWORD="bench-password", VCENTER_POLL_INTERVAL=str(interval),
-                    VEBAQ_CONFIG=str(config), VEBAQ_FUNCTIONS="bench.latency_functions",
-                    **SIMULATOR_ENV)
+                    VEBAQ_CONFIG=str(config), VEBAQ_FUNCTIONS="bench.latency_functions")
     procs: list[Proc | None] = []
     poster = Poster(sim_url)
     phases: dict[str, list[dict[str, Any]]] = {"idle": [], "load": []}

@@ -22,10 +22,6 @@ from pyVmomi import vim
 
 from tests.support import Simulator, build_vcsim
 
-#: What the producer needs to read the simulator (it does not page new events forward; see
-#: ``producer/reader.py``), as the tests set it.
-SIMULATOR_ENV = {"VCENTER_LATEST_PAGE_FALLBACK": "true"}
-
 #: Seconds any one SOAP call of the benchmark may take before the simulator counts as hung.
 CALL_TIMEOUT = 10
 

@@ -13,10 +13,15 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from producer.reader import EventReader, Stall
 from vebaq.core import deadletters, retrystore
 
 #: ``/healthz`` fails when the main loop has not come round for this many seconds.
 STALL_SECONDS = 120
+
+#: ``/healthz`` says degraded when no poll of vCenter succeeded for this many seconds (the
+#: service sets it from the poll interval and the request timeout).
+DEFAULT_POLL_STALE_AFTER = 30.0
 
 
 class QueueStateCollector:
@@ -67,10 +72,30 @@ class ProducerMetrics:
                               "Now minus the newest published event's creation time", registry=r)
         self.checkpoint_time = Gauge("vebaq_producer_checkpoint_timestamp_seconds",
                                      "When the checkpoint was last advanced", registry=r)
+        self.collector_resets = Counter("vebaq_collector_resets",
+                                        "Event collectors replaced because they stopped returning "
+                                        "events vCenter had", registry=r)
+        self.collector_gap = Gauge("vebaq_collector_gap_events",
+                                   "Events vCenter holds that the collector did not return (0 "
+                                   "when caught up)", registry=r)
+        self.events_skipped = Counter("vebaq_producer_events_skipped",
+                                      "Event keys vCenter no longer held when the reader got to "
+                                      "them (retention ran out): never delivered", registry=r)
+        self.last_poll = Gauge("vebaq_producer_last_poll_timestamp_seconds",
+                               "When a poll of vCenter last succeeded", registry=r)
+        self.poll_failures = Counter("vebaq_producer_vcenter_poll_failures",
+                                     "Polls and logins of vCenter that failed (timeouts "
+                                     "included)", registry=r)
         self.started = time.time()
         self.heartbeat = time.time()
         self.connected = False
         self.standing_by = False
+        self.poll_stale_after = DEFAULT_POLL_STALE_AFTER
+        self.last_poll_at: float | None = None
+        self.last_poll_error: str | None = None
+        self.stall: Stall | None = None
+        self._resets_seen = 0
+        self._skipped_seen = 0
 
     def watch_queues(self, redis_client: redis.Redis, pools: set[str]) -> None:
         """Also export dead-letter, retry and queue depths from this Redis."""
@@ -87,10 +112,44 @@ class ProducerMetrics:
                        "publish_errors": int(self.publish_errors._value.get())},
         }
 
+    def polled(self, reader: EventReader, events: int) -> None:
+        """A poll succeeded: count it, and take over the reader's watchdog figures."""
+        self.events_read.inc(events)
+        now = time.time()
+        self.last_poll_at = now
+        self.last_poll.set(now)
+        self.last_poll_error = None
+        self.collector_resets.inc(reader.resets - self._resets_seen)
+        self.events_skipped.inc(reader.skipped - self._skipped_seen)
+        self._resets_seen, self._skipped_seen = reader.resets, reader.skipped
+        self.stall = reader.stall
+        self.collector_gap.set(self.stall.gap if self.stall is not None else 0)
+
+    def poll_failed(self, error: BaseException) -> None:
+        self.poll_failures.inc()
+        self.last_poll_error = f"{type(error).__name__}: {error}"[:200]
+
+    def problem(self) -> str | None:
+        """Why ``/healthz`` is not ok, in one line, or ``None``."""
+        now = time.time()
+        if now - self.heartbeat >= STALL_SECONDS:
+            return f"stalled: the producer loop has not run for {now - self.heartbeat:.0f}s"
+        if self.standing_by:
+            return None
+        if not self.connected:
+            reason = f" ({self.last_poll_error})" if self.last_poll_error else ""
+            return f"degraded: not logged in to vCenter{reason}"
+        if self.stall is not None:
+            return f"degraded: {self.stall.describe()}"
+        last = self.last_poll_at or self.started
+        if now - last >= self.poll_stale_after:
+            reason = f" (last error: {self.last_poll_error})" if self.last_poll_error else ""
+            return f"degraded: no successful poll of vCenter for {now - last:.0f}s{reason}"
+        return None
+
     def healthy(self) -> bool:
-        """Logged in to vCenter (or standing by for another producer), and not stalled."""
-        return (self.connected or self.standing_by) and \
-            time.time() - self.heartbeat < STALL_SECONDS
+        """Logged in to vCenter (or standing by for another producer), polling, caught up."""
+        return self.problem() is None
 
 
 def serve(metrics: ProducerMetrics, port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer:
@@ -103,8 +162,9 @@ def serve(metrics: ProducerMetrics, port: int, host: str = "0.0.0.0") -> Threadi
             elif self.path == "/stats":
                 body, kind, status = json.dumps(metrics.stats()).encode(), "application/json", 200
             elif self.path == "/healthz":
-                ok = metrics.healthy()
-                body, kind, status = (b"ok" if ok else b"stalled"), "text/plain", 200 if ok else 503
+                problem = metrics.problem()
+                body = (problem or "ok").encode()
+                kind, status = "text/plain; charset=utf-8", 200 if problem is None else 503
             else:
                 body, kind, status = b"not found", "text/plain", 404
             self.send_response(status)

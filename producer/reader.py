@@ -1,22 +1,49 @@
 """Reading vCenter's event stream incrementally from an ``EventHistoryCollector``.
 
-A real vCenter pages ``ReadNextEvents`` forward in key order, so draining it after each poll
-gives every new event exactly once; that is all this reader does by default. govmomi's simulator
-(the test peer) does not: it returns one page of history, and after that shows new events only in
-the collector's ``latestPage`` — and not reliably all of them. With ``latest_page_fallback`` (set
-``VCENTER_LATEST_PAGE_FALLBACK=true`` for a simulator) the reader also reads ``latestPage`` and,
-when it shows new events with keys missing in between, reads the window again through a second,
-rewound collector (whose first page holds the simulator's whole, at most 1,000-event,
-history). Either way, events are de-duplicated by key, filtered by creation time (the simulator
-ignores the time filter), and returned in key order.
+vCenter pages ``ReadNextEvents`` forward in key order from the collector's position, and
+appends events posted after the collector was created: draining it after each poll gives every
+new event once. That is the one path this reader takes. The collector reads every event (no
+entity filter, so vCenter's newest event is always one it should return), created since
+``begin`` (the checkpoint's time minus an overlap); events are de-duplicated by key against the
+published window (``seen``), filtered by creation time (``floor``), and returned in key order.
+
+**A collector can stop returning events without saying so.** Current govmomi marks a collector
+more than ~1,000 unread events behind as stale and returns nothing from it ever again; VEBA's
+users saw a router read ~100 events from a real vCenter and then nothing. So after every poll
+that returned nothing new, the *watchdog* compares vCenter's newest event key
+(``EventManager.latestEvent``, one cheap property read) with the highest key this reader has
+seen. When vCenter holds events the collector does not return for :data:`STALL_POLLS` polls in a
+row, the reader logs one WARNING line, destroys the collector, creates a new one from ``begin``
+and reads again at once — the keys already published are skipped, so nothing doubles. While the
+gap persists, :attr:`EventReader.stall` says so (``/healthz`` reports degraded with it). If the
+new collector's first event is past the next key expected, vCenter no longer holds the events in
+between (its retention ran out, or ``checkpoint.maxAge`` cut them): one ERROR line and
+:attr:`EventReader.skipped` say how many — never silence.
+
+**Collector hygiene.** At most one live collector per reader; it is destroyed on replacement and
+on :meth:`close` — which the producer also calls before it gives up a session after a dropped
+connection, since that session (and its collector) lives on in vCenter: govmomi counts every
+collector not destroyed against its limit of 32, and the 33rd login's collector would fail.
+Collectors are per session, so a session the server ended cannot have its collector destroyed
+by another: vCenter frees those itself. ``SetCollectorPageSize`` is called only at creation
+(govmomi's collector never sees new events again after a later change).
+
+Older simulators (Debian's govmomi 0.24, the ``vmware/vcsim`` stand-in on some machines) page
+no new events forward and never set ``latestEvent``; the watchdog then reads the collector's
+``latestPage`` instead (logged once) and its resets deliver the new events, two polls late.
+govmomi 0.24's ``DestroyCollector`` can deadlock against a concurrent ``PostEvent`` (they take
+the manager's and the collector's locks in opposite orders); resets are rare with a simulator
+that pages forward, and the SOAP timeout turns a hang into a reconnect instead of a stuck reader.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections import deque
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from pyVmomi import vim
@@ -26,12 +53,20 @@ logger = logging.getLogger("vebaq.producer")
 #: How many recent event keys are remembered to recognise events read twice.
 SEEN_KEYS = 100_000
 
-#: vCenter's largest page (``SetCollectorPageSize``): used to drain backlogs and fill gaps.
+#: vCenter's largest page (``SetCollectorPageSize``).
 MAX_PAGE_SIZE = 1000
 
 #: At most this many events are read per poll, so a huge backlog streams through in bounded
 #: memory (the producer polls again at once while :attr:`EventReader.more_waiting`).
 MAX_EVENTS_PER_POLL = 5000
+
+#: Polls in a row that returned nothing while vCenter had newer events, before the collector is
+#: replaced. Two: one such poll happens whenever an event lands between the read and the check.
+STALL_POLLS = 2
+
+#: Seconds between two WARNING lines about resets of one stall that does not clear (each reset
+#: is counted all the same).
+RESET_LOG_INTERVAL = 60.0
 
 
 class SeenKeys:
@@ -58,9 +93,25 @@ class SeenKeys:
             self._keys.discard(self._order.popleft())
 
 
-def _span(events: Iterable[vim.event.Event]) -> str:
-    keys = [e.key for e in events]
-    return f"keys {min(keys)}–{max(keys)}" if keys else "none"
+@dataclass(frozen=True)
+class Stall:
+    """vCenter holds events the collector does not return.
+
+    :param newest: vCenter's newest event key; :param highest: the highest key read;
+    :param since: when it was first noticed (epoch seconds).
+    """
+
+    newest: int
+    highest: int
+    since: float
+
+    @property
+    def gap(self) -> int:
+        return self.newest - self.highest
+
+    def describe(self) -> str:
+        return (f"vCenter's newest event is key {self.newest} but the collector returned "
+                f"nothing past key {self.highest} ({self.gap} event(s) behind)")
 
 
 def _created(event: vim.event.Event) -> datetime:
@@ -75,94 +126,175 @@ class EventReader:
     :param begin: the collector's time filter: read events created since then (vCenter's clock).
     :param floor: never return events created before this (defaults to ``begin``).
     :param seen: keys already published (restored from the checkpoint after a restart).
-    :param page_size: events per ``ReadNextEvents`` call (and the collector's page size);
-        the largest with ``latest_page_fallback``.
-    :param latest_page_fallback: also read ``latestPage``, for simulators (see the module
-        docstring); costs a read of up to ``page_size`` events per poll.
+    :param page_size: events per ``ReadNextEvents`` call (and the collector's page size).
     """
 
     def __init__(self, content: vim.ServiceInstanceContent, *, begin: datetime, seen: SeenKeys,
-                 floor: datetime | None = None, page_size: int = MAX_PAGE_SIZE,
-                 latest_page_fallback: bool = False) -> None:
+                 floor: datetime | None = None, page_size: int = MAX_PAGE_SIZE) -> None:
         self.content = content
         self.begin = begin
-        #: Events created before this are never returned (the simulator ignores time filters).
+        #: Events created before this are never returned (some simulators ignore time filters).
         self.floor = floor or begin
         self.seen = seen
-        # The simulator shows its history in a collector's first page only: make it all of it.
-        self.page_size = MAX_PAGE_SIZE if latest_page_fallback else page_size
-        self.latest_page_fallback = latest_page_fallback
+        self.page_size = page_size
         self.collector: vim.event.EventHistoryCollector | None = None
-        self.window: vim.event.EventHistoryCollector | None = None
-        #: The last poll stopped at MAX_EVENTS_PER_POLL with more events waiting.
+        #: The last poll stopped at :data:`MAX_EVENTS_PER_POLL` with more events waiting.
         self.more_waiting = False
+        #: The current stall: vCenter held events the collector did not return for
+        #: :data:`STALL_POLLS` polls, and the reader has not caught up since.
+        self.stall: Stall | None = None
+        self._suspect: Stall | None = None  # one empty poll with newer events in vCenter
+        #: Collectors replaced because they stalled, and event keys vCenter no longer held.
+        self.resets = 0
+        self.skipped = 0
+        self._empty_polls = 0
+        self._reset_logged = 0.0
+        self._check_continuity = False
+        self._latest_event_missing_logged = False
+        #: Keys up to this are not the reader's: vCenter's events from before ``begin`` on a
+        #: first start (no key published yet), which the collector rightly never returns.
+        self._baseline = -1
 
-    def _create_collector(self, page_size: int) -> vim.event.EventHistoryCollector:
-        spec = vim.event.EventFilterSpec(
-            entity=vim.event.EventFilterSpec.ByEntity(entity=self.content.rootFolder,
-                                                      recursion="all"),
-            time=vim.event.EventFilterSpec.ByTime(beginTime=self.begin),
-        )
+    # --- the collector
+
+    def _create_collector(self) -> vim.event.EventHistoryCollector:
+        spec = vim.event.EventFilterSpec(time=vim.event.EventFilterSpec.ByTime(
+            beginTime=self.begin))
         collector = self.content.eventManager.CreateCollectorForEvents(spec)
-        collector.SetCollectorPageSize(page_size)
+        collector.SetCollectorPageSize(self.page_size)
         return collector
 
     def open(self) -> None:
-        """(Re)create the collector: root folder, all descendants, events since ``begin``.
-
-        Its page size stays as created: the simulator's collector misbehaves after a change."""
+        """(Re)create the collector: every event since ``begin``."""
         self.close()
-        self.collector = self._create_collector(self.page_size)
-        if self.latest_page_fallback:
-            # A second collector, rewound to re-read the window: creating and destroying one
-            # per re-read can deadlock govmomi 0.24's simulator (DestroyCollector and PostEvent
-            # take its two locks in opposite orders).
-            self.window = self._create_collector(MAX_PAGE_SIZE)
+        self.collector = self._create_collector()
+        if self.seen.highest < 0 and self._baseline < 0:
+            self._baseline = self.newest_key() or -1
+
+    @property
+    def _known(self) -> int:
+        """The highest key the reader is done with: read, or from before its start."""
+        return max(self.seen.highest, self._baseline)
 
     def close(self) -> None:
-        for collector in (self.collector, self.window):
-            if collector is not None:
-                with contextlib.suppress(Exception):  # the session may be gone already
-                    collector.DestroyCollector()
-        self.collector = self.window = None
+        """Destroy the collector (best effort: the session may be gone already)."""
+        collector, self.collector = self.collector, None
+        if collector is not None:
+            with contextlib.suppress(Exception):
+                collector.DestroyCollector()
 
-    @staticmethod
-    def _read_forward(collector: vim.event.EventHistoryCollector, page_size: int,
-                      limit: int | None = None) -> tuple[list[vim.event.Event], bool]:
-        """Pages forward until caught up or ``limit`` events; returns (events, more_waiting)."""
+    def reattach(self, content: vim.ServiceInstanceContent) -> None:
+        """Read on through a new session: a new collector from ``begin`` (the old one belonged
+        to the old session; :meth:`close` it through that session first, while it may live)."""
+        self.collector = None
+        self.content = content
+        self.open()
+        self._empty_polls = 0
+
+    # --- reading
+
+    def _read_forward(self) -> tuple[list[vim.event.Event], bool]:
+        """Pages forward until caught up or :data:`MAX_EVENTS_PER_POLL`; (events, more)."""
         events: list[vim.event.Event] = []
         while True:
-            page = collector.ReadNextEvents(page_size)
+            page = self.collector.ReadNextEvents(self.page_size)
             events.extend(page or ())
-            if not page or len(page) < page_size:
+            if not page or len(page) < self.page_size:
                 return events, False
-            if limit is not None and len(events) >= limit:
+            if len(events) >= MAX_EVENTS_PER_POLL:
                 return events, True
 
     def poll(self) -> list[vim.event.Event]:
-        """Every event not returned before, oldest key first."""
+        """Every event not returned before, oldest key first (see the module docstring)."""
         if self.collector is None:
             self.open()
-        forward, more = self._read_forward(self.collector, self.page_size,
-                                           limit=MAX_EVENTS_PER_POLL)
-        self.more_waiting = more
-        events = list(forward)
-        if not more and self.latest_page_fallback:
-            latest = list(self.collector.latestPage or ())
-            events.extend(latest)
-            read = {e.key for e in forward}
-            missed_by_paging = any(key not in read for key in self._new(latest))
-            if missed_by_paging and self._holes(self._new(events)):
-                # The simulator neither pages new events forward nor keeps latestPage
-                # complete, but a rewound collector's first page holds its whole (≤1000)
-                # history: read that when keys are missing.
-                events.extend(self._reread_window())
+        events, self.more_waiting = self._read_forward()
         fresh = self._new(events)
-        if logger.isEnabledFor(logging.DEBUG):
-            logger.debug("poll: %d forward (%s), %d read in all, %d new (%s); highest seen %d",
-                         len(forward), _span(forward), len(events), len(fresh),
-                         _span(fresh.values()), self.seen.highest)
+        if not fresh and not self.more_waiting:
+            fresh = self._watch(fresh)
+        if fresh and self._check_continuity:
+            self._report_skipped(min(fresh))
+        if fresh:
+            self._empty_polls = 0
+            self._suspect = None
+            if self.stall is not None and max(fresh) >= self.stall.newest:
+                logger.info("collector caught up: the gap of %d event(s) read %.1fs after it "
+                            "was noticed", self.stall.gap, time.time() - self.stall.since)
+                self.stall = None
         return [fresh[key] for key in sorted(fresh)]
+
+    def _watch(self, fresh: dict[int, vim.event.Event]) -> dict[int, vim.event.Event]:
+        """The watchdog, after a poll that returned nothing new: replace a stalled collector
+        and read from the new one at once; returns what it read."""
+        newest = self.newest_key()
+        if newest is None or newest <= self._known:
+            self._empty_polls = 0
+            self._suspect = self.stall = None
+            return fresh
+        self._empty_polls += 1
+        since = self._suspect.since if self._suspect else time.time()
+        self._suspect = Stall(newest, self._known, since)
+        if self._empty_polls < STALL_POLLS:
+            return fresh  # an event may have landed between the read and the check
+        self.stall = self._suspect
+        self.resets += 1
+        if time.monotonic() - self._reset_logged >= RESET_LOG_INTERVAL:
+            self._reset_logged = time.monotonic()
+            logger.warning("collector stalled: %s for %d polls; replacing it (reset %d), "
+                           "reading again from %s", self.stall.describe(), self._empty_polls,
+                           self.resets, self.begin.isoformat())
+        self.open()
+        self._empty_polls = 0
+        self._check_continuity = self._known >= 0
+        events, self.more_waiting = self._read_forward()
+        fresh = self._new(events)
+        if not fresh and not self.more_waiting:
+            # A new collector cannot be stale: what vCenter holds past our keys is not ours to
+            # read (created before `begin`/`floor`: the checkpoint's maxAge cut it).
+            logger.warning("events up to key %d are older than the reader's start (%s): "
+                           "not read", newest, self.floor.isoformat())
+            self._baseline, self.stall, self._check_continuity = newest, None, False
+        return fresh
+
+    def _report_skipped(self, first: int) -> None:
+        """The first event a new collector returned: are keys missing before it?"""
+        self._check_continuity = False
+        known = self._known
+        missing = first - known - 1
+        if missing > 0:
+            self.skipped += missing
+            logger.error("vCenter no longer holds events %d–%d (its retention ran out, or they "
+                         "are older than checkpoint.maxAge): %d event(s) skipped, never "
+                         "delivered", known + 1, first - 1, missing)
+
+    def newest_key(self) -> int | None:
+        """vCenter's newest event key: ``EventManager.latestEvent``, or (simulators that do not
+        set it) the newest in the collector's ``latestPage``."""
+        latest = self._property(self.content.eventManager, "latestEvent")
+        if latest is not None:
+            return latest.key
+        if not self._latest_event_missing_logged:
+            self._latest_event_missing_logged = True
+            logger.info("vCenter does not report EventManager.latestEvent (an old simulator?): "
+                        "the stall watchdog reads the collector's latestPage instead")
+        if self.collector is None:
+            return None
+        page = self._property(self.collector, "latestPage")
+        return max((e.key for e in page or ()), default=None)
+
+    def _property(self, obj: vim.ManagedObject, name: str) -> object | None:
+        """One property by ``RetrievePropertiesEx``: an unset one is ``None`` (pyvmomi's own
+        property read crashes govmomi 0.24's simulator on an unset property)."""
+        spec = vim.PropertyCollector.FilterSpec(
+            objectSet=[vim.PropertyCollector.ObjectSpec(obj=obj)],
+            propSet=[vim.PropertyCollector.PropertySpec(type=type(obj), pathSet=[name])])
+        result = self.content.propertyCollector.RetrievePropertiesEx(
+            [spec], vim.PropertyCollector.RetrieveOptions())
+        for found in (result.objects if result else ()):
+            for prop in found.propSet or ():
+                if prop.name == name:
+                    return prop.val
+        return None
 
     def _new(self, events: Iterable[vim.event.Event]) -> dict[int, vim.event.Event]:
         """The events not returned before and not older than :attr:`floor`, by key."""
@@ -172,20 +304,6 @@ class EventReader:
                     event.createdTime is None or _created(event) >= self.floor):
                 new[event.key] = event
         return new
-
-    def _holes(self, new_keys: Iterable[int]) -> bool:
-        """Are keys missing between the newest confirmed key and the new ones? (With the
-        whole inventory as the filter's scope, a vCenter's event keys are consecutive.)"""
-        keys = sorted(new_keys)
-        if self.seen.highest >= 0:
-            keys = [self.seen.highest, *(k for k in keys if k > self.seen.highest)]
-        return any(b - a > 1 for a, b in zip(keys, keys[1:], strict=False))
-
-    def _reread_window(self) -> list[vim.event.Event]:
-        """The simulator's whole (≤1000-event) history, newest included."""
-        self.window.RewindCollector()
-        forward, _ = self._read_forward(self.window, MAX_PAGE_SIZE)
-        return forward
 
     def confirmed(self, keys: Iterable[int], begin: datetime) -> None:
         """Events with ``keys`` were published; a re-created collector starts at ``begin``."""

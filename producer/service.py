@@ -17,13 +17,15 @@ from producer.checkpoint import OVERLAP, CheckpointStore, LeaseLost
 from producer.cloudevent import MalformedEvent, subject_of, to_cloudevent
 from producer.lease import Lease
 from producer.metrics import ProducerMetrics
+from producer.notifications import ChangeNotifier
 from producer.reader import EventReader, SeenKeys
+from producer.simulated import SimulatedReader, SimulatedSession
 from producer.vcenter import CONNECTION_LOST, SESSION_LOST, Session, connect
 from vebaq.core import deadletters, progress
 from vebaq.core.broker import sender_app
 from vebaq.core.config import Settings
 from vebaq.core.envelope import to_structured
-from vebaq.core.errors import BrokerError, VCenterError
+from vebaq.core.errors import BrokerError, VCenterError, one_line
 from vebaq.core.messages import TaskMessage
 from vebaq.core.publish import Publisher
 from vebaq.core.redisdb import client
@@ -110,13 +112,17 @@ class ProducerService:
         self.simulate = simulate
         self.app = app or sender_app(settings, "vebaq-producer")
         self.metrics = metrics or ProducerMetrics()
+        vc = settings.vcenter
+        # A few polls at the slowest interval, or one SOAP timeout, before /healthz complains.
+        self.metrics.poll_stale_after = max(3 * vc.max_poll_interval, vc.request_timeout + 5)
         self.stop = threading.Event()
         self.redis = client(settings.broker_url)
         self.publisher = Publisher(self.app)
         self.metrics.watch_queues(self.redis, {t.pool for t in settings.triggers})
         self.lease = Lease(self.redis, settings.vcenter.url if simulate is None else "simulated")
         self.session: Session | None = None
-        self.reader: EventReader | None = None
+        self.reader: EventReader | SimulatedReader | None = None
+        self.notifier: ChangeNotifier | None = None
         self.store: CheckpointStore | None = None
         #: Bumped when vCenter numbers its events anew (see producer.cloudevent.event_id).
         self.key_epoch = 0
@@ -153,8 +159,6 @@ class ProducerService:
     def start(self) -> None:
         vc = self.settings.vcenter
         if self.simulate is not None:
-            from producer.simulated import SimulatedSession
-
             self.session = SimulatedSession()
         else:
             self.session = connect(vc)
@@ -163,14 +167,12 @@ class ProducerService:
         begin, floor, checkpoint = self.store.resume_from(self.session.now())
         seen = SeenKeys(self.store.published_since(begin))
         if self.simulate is not None:
-            from producer.simulated import SimulatedReader
-
             self.reader = SimulatedReader(begin=begin, floor=floor, seen=seen, **self.simulate)
         else:
             self.reader = EventReader(self.session.content, begin=begin, floor=floor, seen=seen,
-                                      page_size=vc.page_size,
-                                      latest_page_fallback=vc.latest_page_fallback)
+                                      page_size=vc.page_size)
         self.reader.open()
+        self._start_notifier()
         self.key_epoch = self.store.key_epoch()
         self._check_key_regression(checkpoint.key if checkpoint else None)
         where = (f"checkpoint: event {checkpoint.key} of {checkpoint.created.isoformat()}"
@@ -184,10 +186,9 @@ class ProducerService:
         """A vCenter restored from a backup (or a restarted simulator) numbers its events anew:
         if its newest key is below our last one, forget the published keys, or new events that
         reuse old keys would be skipped as already published."""
-        collector = getattr(self.reader, "collector", None)
-        if last_key is None or collector is None:
+        if last_key is None:
             return
-        newest = max((e.key for e in collector.latestPage or ()), default=None)
+        newest = self.reader.newest_key()
         if newest is not None and newest < last_key:
             logger.warning("vCenter's newest event key %d is below the checkpoint's %d "
                            "(vCenter restored or reset?): reading on by time, forgetting keys",
@@ -227,9 +228,12 @@ class ProducerService:
                 try:
                     events = self.reader.poll()
                 except SESSION_LOST + CONNECTION_LOST as exc:
+                    self.metrics.poll_failed(exc)
                     self._reconnect(exc)
                     continue
-                self.metrics.events_read.inc(len(events))
+                self.metrics.polled(self.reader, len(events))
+                if self.notifier is not None:
+                    self.notifier.polled(found_new=bool(events))
                 pending = self._convert(events)
                 if events:
                     last_event = time.monotonic()
@@ -245,7 +249,14 @@ class ProducerService:
                 interval = vc.poll_interval
             else:
                 interval = min(interval * 2, vc.max_poll_interval)
-            self.stop.wait(interval)
+            if pending or self.notifier is None:
+                self.stop.wait(interval)
+                continue
+            try:
+                self.notifier.wait(interval, self.stop)
+            except SESSION_LOST + CONNECTION_LOST as exc:
+                self.metrics.poll_failed(exc)
+                self._reconnect(exc)
 
     def _convert(self, events: list[vim.event.Event]) -> list[ReadEvent]:
         converted = []
@@ -301,30 +312,50 @@ class ProducerService:
     def _reconnect(self, cause: BaseException) -> None:
         """Log in again and recreate the collector, from the checkpoint (never skipping)."""
         self.metrics.connected = False
-        logger.warning("vCenter session lost (%s); logging in again", type(cause).__name__)
+        logger.warning("vCenter session lost (%s: %s); logging in again", type(cause).__name__,
+                       one_line(getattr(cause, "msg", None) or str(cause), width=200))
         if self.session is not None:
+            # After a dropped connection the session lives on in vCenter, and so would its
+            # collector: destroy it and log out (best effort, bounded by the request timeout).
+            self.reader.close()
+            if self.notifier is not None:
+                self.notifier.close()
             self.session.close()
         delay = 1.0
+        attempt = 0
         while not self.stop.is_set():
+            attempt += 1
             try:
                 self.session = connect(self.settings.vcenter)
                 break
             except VCenterError as exc:
-                logger.error("%s; retrying in %.0fs", exc, delay)
+                self.metrics.poll_failed(exc)
+                logger.error("login attempt %d failed: %s; retrying in %.0fs", attempt, exc,
+                             delay)
                 self.stop.wait(delay)
                 delay = min(delay * 2, MAX_RECONNECT_DELAY)
         else:
             return
         self.metrics.reconnects.inc()
         self.metrics.connected = True
-        self.reader.content = self.session.content
-        self.reader.collector = self.reader.window = None  # they died with their session
-        self.reader.open()
+        self.reader.reattach(self.session.content)
+        self._start_notifier()
         checkpoint = self.store.load()
         self._check_key_regression(checkpoint.key if checkpoint else None)
         logger.info("vCenter session restored; reading on from %s", self.reader.begin.isoformat())
 
+    def _start_notifier(self) -> None:
+        """Wait on vCenter's change notifications between polls (``vcenter.notifications``),
+        unless an earlier session found that this vCenter sends none."""
+        gave_up = self.notifier is not None and not self.notifier.working
+        self.notifier = None
+        if self.simulate is None and self.settings.vcenter.notifications and not gave_up:
+            self.notifier = ChangeNotifier(self.session.content)
+
     def shutdown(self) -> None:
+        if self.notifier is not None:
+            self.notifier.close()
+            self.notifier = None
         if self.reader is not None:
             self.reader.close()
             self.reader = None

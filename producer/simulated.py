@@ -72,6 +72,10 @@ class SimulatedReader:
     _last: float = field(init=False, default=0.0)
     _maintenance: dict[str, bool] = field(init=False, default_factory=dict)
     more_waiting: bool = field(init=False, default=False)
+    #: The EventReader's watchdog state: a simulated source never stalls nor skips.
+    stall: None = field(init=False, default=None)
+    resets: int = field(init=False, default=0)
+    skipped: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         self.floor = self.floor or self.begin
@@ -115,6 +119,12 @@ class SimulatedReader:
 
     def open(self) -> None:
         pass
+
+    def reattach(self, content: object) -> None:
+        pass
+
+    def newest_key(self) -> int | None:
+        return self.next_key - 1 if self.next_key > 1 else None
 
     def close(self) -> None:
         pass

@@ -16,9 +16,6 @@ from pyVmomi import vim, vmodl
 from vebaq.core.config import VCenterSettings
 from vebaq.core.errors import ConfigError, VCenterError
 
-#: Seconds to wait for vCenter to answer one SOAP call.
-HTTP_TIMEOUT = 60
-
 #: Faults that mean "the session is gone, log in again".
 SESSION_LOST = (vim.fault.NotAuthenticated, vim.fault.InvalidState,
                 vmodl.fault.ManagedObjectNotFound)
@@ -70,13 +67,17 @@ def connect(settings: VCenterSettings) -> Session:
     parts = urlsplit(settings.url)
     secure = parts.scheme == "https"
     where = f"vCenter {settings.url}"
+    # SmartConnect's API version discovery opens a connection of its own without a timeout: a
+    # hung vCenter would hang the login forever. The default timeout bounds that one too.
+    previous_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(settings.request_timeout)
     try:
         si = SmartConnect(
             protocol=parts.scheme, host=parts.hostname, port=parts.port or (443 if secure else 80),
             path=parts.path or "/sdk", user=settings.username,
             pwd=settings.password.reveal(),
             sslContext=ssl_context(settings) if secure else None,
-            httpConnectionTimeout=HTTP_TIMEOUT,
+            httpConnectionTimeout=settings.request_timeout,
         )
     except vim.fault.InvalidLogin:
         raise VCenterError(f"{where} refused the login of {settings.username!r}: "
@@ -87,7 +88,8 @@ def connect(settings: VCenterSettings) -> Session:
     except socket.gaierror:
         raise VCenterError(f"{where}: unknown host {parts.hostname!r}") from None
     except TimeoutError:
-        raise VCenterError(f"{where}: timed out after {HTTP_TIMEOUT}s") from None
+        raise VCenterError(f"{where}: no answer within {settings.request_timeout:g}s "
+                           f"(vcenter.requestTimeout)") from None
     except ConnectionRefusedError:
         raise VCenterError(f"{where}: connection refused (is vCenter up, is the port right?)"
                            ) from None
@@ -98,6 +100,8 @@ def connect(settings: VCenterSettings) -> Session:
     except Exception as exc:  # pyvmomi raises bare Exceptions for odd endpoints
         raise VCenterError(f"{where}: not a vSphere API endpoint? ({type(exc).__name__}: "
                            f"{str(exc)[:200]})") from None
+    finally:
+        socket.setdefaulttimeout(previous_timeout)
     content = si.RetrieveContent()
     return Session(si, content, settings.url, content.about.instanceUuid,
                    content.about.apiVersion)

@@ -100,7 +100,6 @@ def stack_env(redis_url: str, vcsim: str, tmp_path: Path) -> dict[str, str]:
         "VCENTER_USER": "vebaq",
         "VCENTER_PASSWORD": "s3cret-vc-password",
         "VCENTER_POLL_INTERVAL": "0.2",
-        "VCENTER_LATEST_PAGE_FALLBACK": "true",  # the simulator does not page forward
         "PYTHONUNBUFFERED": "1",
     })
     if os.environ.get("VEBAQ_LOG_LEVEL"):  # e.g. DEBUG, to see the producer's every poll

@@ -8,8 +8,10 @@ import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -268,3 +270,83 @@ class VCenter:
 
     def close(self) -> None:
         Disconnect(self.si)
+
+
+class CuttableProxy:
+    """A TCP proxy on loopback whose connections the test can cut at once, as a network blip
+    or a load balancer reset does: the client sees its connection drop while the server (and
+    the client's session on it) lives on. :meth:`hang` makes it a black hole instead: it accepts
+    connections and requests, and answers nothing, like a hung vCenter.
+
+    :param target: ``(host, port)`` to forward to.
+    """
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.connections: list[socket.socket] = []
+        self.cuts = 0
+        self.flowing = threading.Event()
+        self.flowing.set()
+        self._lock = threading.Lock()
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def url(self, sdk_url: str) -> str:
+        """``sdk_url`` with the proxy's address in place of the server's."""
+        parts = urlsplit(sdk_url)
+        return parts._replace(netloc=f"127.0.0.1:{self.port}").geturl()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                server = socket.create_connection(self.target, timeout=10)
+            except OSError:
+                client.close()
+                continue
+            server.settimeout(None)
+            with self._lock:
+                self.connections += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                self.flowing.wait()  # hung: hold what came until the test lets it flow again
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(2)
+
+    def cut(self) -> int:
+        """Reset every open connection; returns how many were cut."""
+        with self._lock:
+            connections, self.connections = self.connections, []
+        for conn in connections:
+            with contextlib.suppress(OSError):  # RST, not FIN: an abrupt drop
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                # shutdown() wakes the pipe thread blocked in recv() on it; close() alone would
+                # wait for that recv to return before the connection really goes.
+                conn.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                conn.close()
+        self.cuts += 1
+        return len(connections) // 2
+
+    def hang(self, hung: bool = True) -> None:
+        """Stop (or resume) forwarding anything, in both directions."""
+        if hung:
+            self.flowing.clear()
+        else:
+            self.flowing.set()
+
+    def close(self) -> None:
+        self.flowing.set()
+        self._closed = True
+        self.listener.close()
+        self.cut()

@@ -35,11 +35,13 @@
 //     scheduledTask, tag (Event.changeTag), maxCount, disableFullMessage (true: events come
 //     without fullFormattedMessage; unset: with it, as vCenter and govmomi send it).
 //   - Capacity (current govmomi since v0.37, not vCenter: see the vcsim notes in
-//     shared/reference): a collector holds at most -collector-capacity events. When a post
-//     would make its unread backlog exceed that, it goes stale, silently and for good: its
-//     reads return nothing, no fault. Read events make room for new ones (oldest dropped); a
-//     new collector holds the newest `capacity` matching events of the retained history.
-//     -collector-capacity 0: no limit (a real vCenter's collectors read the event database).
+//     shared/reference): a collector takes at most -collector-capacity events *posted after
+//     it was created* that it has not returned yet. When a post would put it more than that
+//     behind, it goes stale, silently and for good: its reads return nothing, no fault. Its
+//     history at creation (every retained matching event, paged forward) is read like a
+//     vCenter reads its event database, so a new collector can always catch up with what the
+//     server still retains (current govmomi keeps only ~1,000 events in all, so there the two
+//     bounds coincide). -collector-capacity 0: no limit.
 //     A stale collector's latestPage keeps updating: latestPage is the server's view of the
 //     newest matching events, separate from the read position, and that is the very symptom a
 //     reader must be able to see (VEBA issue #1054: a collector that stopped returning events
@@ -291,10 +293,8 @@ func (p *peer) forget(oldest int64) {
 		}
 		if n > 0 {
 			c.buf = c.buf[n:]
-			c.pos -= n
-			if c.pos < 0 {
-				c.pos = 0
-			}
+			c.pos = maxInt(c.pos-n, 0)
+			c.histEnd = maxInt(c.histEnd-n, 0)
 		}
 		n = 0
 		for n < len(c.latest) && c.latest[n].seq < oldest {
@@ -524,10 +524,7 @@ func (m *peerEventManager) CreateCollectorForEvents(ctx *simulator.Context, req 
 				c.Filter = req.Filter
 				hist := p.matching(f)
 				c.latest = tail(hist, size)
-				if p.capacity > 0 {
-					hist = tail(hist, p.capacity)
-				}
-				c.buf = hist
+				c.buf, c.histEnd = hist, len(hist)
 				p.collectors = append(p.collectors, c)
 				p.mu.Unlock()
 				body.Res = &types.CreateCollectorForEventsResponse{
@@ -576,8 +573,9 @@ type peerCollector struct {
 	pageSize int
 	session  string
 
-	buf    []*peerEntry // the scrollable view, oldest first (at most capacity events)
-	pos    int          // ReadNextEvents starts at buf[pos]
+	buf     []*peerEntry // the scrollable view, oldest first
+	pos     int          // ReadNextEvents starts at buf[pos]
+	histEnd int          // buf[:histEnd] was the history at creation; later posts follow
 	latest []*peerEntry // the newest pageSize matching events, oldest first
 	stale  bool
 }
@@ -597,16 +595,23 @@ func (c *peerCollector) add(en *peerEntry) {
 		return
 	}
 	capacity := c.p.capacity
-	if capacity > 0 && len(c.buf)-c.pos >= capacity {
-		// This post would put the collector more than `capacity` unread events behind.
+	if capacity > 0 && len(c.buf)-maxInt(c.pos, c.histEnd) >= capacity {
+		// This post would put the collector more than `capacity` unread new events behind.
 		c.stale = true
-		c.buf, c.pos = nil, 0
+		c.buf, c.pos, c.histEnd = nil, 0, 0
 		return
 	}
 	c.buf = append(c.buf, en)
-	if capacity > 0 && len(c.buf) > capacity {
-		c.buf = c.buf[1:] // the oldest is read (pos > 0): make room
-		c.pos--
+	c.trimRead()
+}
+
+// trimRead keeps at most `capacity` events already read (what RewindCollector and
+// ReadPreviousEvents can go back to) and drops older ones (peer.mu held).
+func (c *peerCollector) trimRead() {
+	if capacity := c.p.capacity; capacity > 0 && c.pos > capacity {
+		drop := c.pos - capacity
+		c.buf, c.pos = c.buf[drop:], c.pos-drop
+		c.histEnd = maxInt(c.histEnd-drop, 0)
 	}
 }
 
@@ -635,6 +640,7 @@ func (c *peerCollector) ReadNextEvents(ctx *simulator.Context, req *types.ReadNe
 	}
 	page := c.buf[c.pos:end]
 	c.pos = end
+	c.trimRead()
 	c.p.mu.Unlock()
 	body.Res = &types.ReadNextEventsResponse{Returnval: c.filter.events(page, false)}
 	return body
@@ -760,4 +766,11 @@ func (n *notifier) broadcast() {
 	close(n.ch)
 	n.ch = make(chan struct{})
 	n.mu.Unlock()
+}
+
+func maxInt(a, b int) int {
+	if a > b {
+		return a
+	}
+	return b
 }

@@ -15,7 +15,8 @@ The file is modelled on the VEBA router config; every key is optional::
       pollInterval: 1s
       maxPollInterval: 5s
       pageSize: 1000
-      latestPageFallback: false     # true for govmomi's simulator
+      requestTimeout: 20s           # one SOAP call; a hung vCenter counts as down after this
+      notifications: true           # wake on vCenter's change notifications between polls
       checkpoint: {maxAge: 1h}
     cloudevents:
       type: router                  # or: vsphere (com.vmware.vsphere.<Class>.v0)
@@ -96,9 +97,13 @@ class VCenterSettings:
     max_poll_interval: float = 5.0
     #: Events per ReadNextEvents call (vCenter allows up to 1000).
     page_size: int = 1000
-    #: Also read the collector's ``latestPage`` each poll: what govmomi's simulator needs (it
-    #: does not page new events forward); a real vCenter does not.
-    latest_page_fallback: bool = False
+    #: Seconds one SOAP call to vCenter may take before it counts as failed (a hung vCenter,
+    #: a half-open connection): then the producer reports it and logs in again.
+    request_timeout: float = 20.0
+    #: Between polls, wait on vCenter's change notification of its latest event
+    #: (``WaitForUpdatesEx``) and read at once when it fires; the poll interval stays the
+    #: upper bound. False: poll only.
+    notifications: bool = True
     #: On restart, never replay events older than this many seconds.
     checkpoint_max_age: float = 3600.0
 
@@ -254,7 +259,8 @@ _VCENTER = {
     "pollInterval": ("poll_interval", parse_duration),
     "maxPollInterval": ("max_poll_interval", parse_duration),
     "pageSize": ("page_size", _positive_int),
-    "latestPageFallback": ("latest_page_fallback", _boolean),
+    "requestTimeout": ("request_timeout", parse_duration),
+    "notifications": ("notifications", _boolean),
 }
 _VROPS = {
     "url": ("url", _string),
@@ -290,7 +296,8 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "VCENTER_INSECURE_SSL": ("vcenter", "insecureSSL"),
     "VCENTER_CA_BUNDLE": ("vcenter", "caBundle"),
     "VCENTER_POLL_INTERVAL": ("vcenter", "pollInterval"),
-    "VCENTER_LATEST_PAGE_FALLBACK": ("vcenter", "latestPageFallback"),
+    "VCENTER_REQUEST_TIMEOUT": ("vcenter", "requestTimeout"),
+    "VCENTER_NOTIFICATIONS": ("vcenter", "notifications"),
     "VROPS_URL": ("vrops", "url"),
     "VROPS_USER": ("vrops", "username"),
     "VROPS_PASSWORD": ("vrops", "password"),
@@ -438,6 +445,8 @@ def _build(raw: dict[str, Any], environ: Mapping[str, str]) -> Settings:
             checkpoint["maxAge"], "vcenter.checkpoint.maxAge"))
     if vcenter.page_size < 1 or vcenter.page_size > 1000:
         raise ConfigError(f"vcenter.pageSize: must be between 1 and 1000, got {vcenter.page_size}")
+    if vcenter.request_timeout <= 0:
+        raise ConfigError("vcenter.requestTimeout: must be > 0")
     if vcenter.poll_interval <= 0 or vcenter.max_poll_interval < vcenter.poll_interval:
         raise ConfigError("vcenter.pollInterval: must be > 0 and ≤ vcenter.maxPollInterval")
     vrops = _apply(VropsSettings(), sections["vrops"], _VROPS, "vrops")
