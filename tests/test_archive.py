@@ -9,46 +9,18 @@ import shutil
 import subprocess
 from collections import Counter
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis
 
-from producer.cloudevent import to_cloudevent
-from producer.reader import SeenKeys
-from producer.simulated import SIMULATED_URL, SIMULATED_UUID, SimulatedReader
+from tests.archived_events import BASE, NOW, SOURCE, UUID, Archived, events, ids
 from tests.support import wait_until
 from vebaq.core import keys
 from vebaq.core.archive import ENTRY_OVERHEAD, Archive
 from vebaq.core.config import ArchiveSettings
-from vebaq.core.envelope import to_structured
 from vebaq.devtools.embedded import free_port
-
-UUID, SOURCE = SIMULATED_UUID, SIMULATED_URL
-BASE = datetime(2025, 6, 3, 14, 0, tzinfo=UTC)
-#: The archive's clock in these tests (it trims by age).
-NOW = (BASE + timedelta(hours=3)).timestamp()
-
-
-def events(count: int, start: datetime = BASE, step: timedelta = timedelta(seconds=1),
-           first_key: int = 1, seed: int = 7) -> list[tuple[dict[str, Any], datetime]]:
-    """``count`` simulated vCenter events as the producer archives them: (structured CloudEvent,
-    creation time), ``step`` apart."""
-    reader = SimulatedReader(begin=start, seen=SeenKeys([first_key - 1] if first_key > 1 else []),
-                             rate=0, backlog=count, seed=seed, page_size=count)
-    pairs = []
-    for i, raw in enumerate(reader.poll()):
-        raw.createdTime = start + i * step
-        cloudevent = to_cloudevent(raw, source=SOURCE, instance_uuid=UUID,
-                                   api_version="8.0.3.0")
-        pairs.append((to_structured(cloudevent), cloudevent.get_time()))
-    return pairs
-
-
-def ids(pairs: list[tuple[dict[str, Any], datetime]]) -> list[str]:
-    return [event["id"] for event, _ in pairs]
 
 
 def recount(r: redis.Redis) -> tuple[int, Counter]:
@@ -60,7 +32,7 @@ def recount(r: redis.Redis) -> tuple[int, Counter]:
     return size, subjects
 
 
-def settle(archive: Archive, pairs: list[tuple[dict[str, Any], datetime]]) -> None:
+def settle(archive: Archive, pairs: Archived) -> None:
     archive.settle(UUID, ids(pairs))
 
 

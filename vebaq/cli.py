@@ -20,6 +20,7 @@ import click
 
 from vebaq.core import config, deadletters, retrystore
 from vebaq.core.errors import (
+    BadOption,
     BrokerError,
     NoSuchDeadLetter,
     NotReplayable,
@@ -497,17 +498,17 @@ def replay(ctx: click.Context, since: str, until: str | None, subjects: tuple[st
     begin = replays.parse_moment(since, now, "--since")
     end = replays.parse_moment(until, now, "--until") if until else None
     if end is not None and end < begin:
-        raise click.UsageError(f"--until ({_moment(end)}) is before --since ({_moment(begin)})")
+        raise BadOption(f"--until ({_moment(end)}) is before --since ({_moment(begin)})")
     settings = store.settings
     handlers = store.handlers
     if pool is not None and pool not in handlers:
-        raise click.UsageError(f"--pool: unknown pool {pool!r} (known: "
+        raise BadOption(f"--pool: unknown pool {pool!r} (known: "
                                f"{', '.join(sorted(handlers))})")
     if function is not None:
         offered = {h.name for p, hs in handlers.items() if pool in (None, p) for h in hs}
         if function not in offered:
             where = f"pool {pool!r}" if pool else "any pool"
-            raise click.UsageError(f"--function: no function {function!r} in {where} (known: "
+            raise BadOption(f"--function: no function {function!r} in {where} (known: "
                                    f"{', '.join(sorted(offered)) or 'none'})")
     archived = Archive(store.redis, settings.archive)
     request = replays.Request(

@@ -35,7 +35,7 @@ import redis
 from vebaq.core import keys
 from vebaq.core.archive import Archive, ArchivedEvent
 from vebaq.core.config import parse_duration
-from vebaq.core.errors import ConfigError, VebaqError
+from vebaq.core.errors import BadOption, ConfigError
 from vebaq.core.messages import TaskMessage
 from vebaq.core.progress import Progress
 from vebaq.core.publish import Publisher
@@ -47,10 +47,8 @@ BATCH = 500
 REPLAYED, REPLAYED_AT = "replayed", "replayedat"
 
 
-class BadTime(VebaqError):
+class BadTime(BadOption):
     """A ``--since``/``--until`` that is neither a duration nor an RFC 3339 time."""
-
-    exit_code = 2
 
 
 def parse_moment(text: str, now: datetime, option: str) -> datetime:
@@ -248,7 +246,7 @@ def _fraction(item: ArchivedEvent, since: datetime, span: float) -> float:
 
 def resolve_sources(archive: Archive, sources: Iterable[str] | None) -> tuple[str, ...]:
     """The instance UUIDs of the archives to read: all, or those of the given source URLs (or
-    UUIDs); raises :class:`VebaqError` naming the known sources for an unknown one."""
+    UUIDs); raises :class:`BadOption` naming the known sources for an unknown one."""
     known = archive.sources()
     if not sources:
         return tuple(sorted(known))
@@ -257,7 +255,7 @@ def resolve_sources(archive: Archive, sources: Iterable[str] | None) -> tuple[st
         matches = [uuid_ for uuid_, url in known.items() if source in (url, uuid_)]
         if not matches:
             listed = ", ".join(sorted(set(known.values()))) or "none: the archive is empty"
-            raise VebaqError(f"--source: no archive of {source!r} (archived sources: {listed})")
+            raise BadOption(f"--source: no archive of {source!r} (archived sources: {listed})")
         chosen += matches
     return tuple(sorted(set(chosen)))
 
