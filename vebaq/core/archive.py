@@ -382,7 +382,10 @@ class Archive:
         length, meta, subjects, first, last = pipe.execute()
         usage = None
         if memory:
-            usage = int(self.redis.memory_usage(stream, samples=0) or 0)
+            try:
+                usage = int(self.redis.memory_usage(stream, samples=0) or 0)
+            except redis.ResponseError:  # a Redis without MEMORY (the embedded dev broker)
+                usage = None
 
         def moment(entries: list) -> datetime | None:
             return _from_ms(int(_text(entries[0][0]).partition("-")[0])) if entries else None
