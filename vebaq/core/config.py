@@ -134,7 +134,7 @@ class ArchiveSettings:
     #: Events kept.
     max_entries: int = 1_000_000
     #: Bytes of archived events kept (their JSON plus Redis' per-entry overhead, as measured with
-    #: ``MEMORY USAGE``); the default holds about 230,000 vCenter events.
+    #: ``MEMORY USAGE``); the default holds about 240,000 vCenter events.
     max_bytes: int = 256 * 2**20
 
 
