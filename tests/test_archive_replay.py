@@ -11,7 +11,7 @@ import subprocess
 import threading
 import time
 from collections import Counter
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -302,3 +302,29 @@ def test_kill_9_between_enqueue_archive_and_checkpoint_archives_each_event_once(
     if point == "after-archive":
         assert "were archived already" in survivor.log()
     assert redis_client.xlen(stream) == len(archived)
+
+
+def test_ctrl_c_stops_a_replay_between_batches(sim_env: dict[str, str],
+                                               redis_client: redis.Redis) -> None:
+    from tests.archived_events import BASE, NOW, SOURCE, UUID, events, ids
+    from vebaq.core.archive import Archive
+
+    archive = Archive(redis_client)
+    stream = events(20_000, step=timedelta(milliseconds=10))
+    for i in range(0, len(stream), 1000):
+        archive.append(UUID, SOURCE, stream[i:i + 1000], now=NOW)
+        archive.settle(UUID, ids(stream[i:i + 1000]))
+    replaying = subprocess.Popen(
+        vebaq_argv("replay", "--since", BASE.isoformat(), "--pool", "count"), env=sim_env,
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_until(lambda: redis_client.llen("count") > 0, 60, "the replay to start sending",
+               interval=0.01)
+    replaying.send_signal(signal.SIGINT)
+    out, err = replaying.communicate(timeout=60)
+    sent = redis_client.llen("count")
+    print(f"\n[replay Ctrl-C] {sent} of {len(stream)} events enqueued when stopped")
+    assert replaying.returncode == 130, err
+    assert 0 < sent < len(stream) and sent % 500 == 0  # whole batches only
+    assert f"enqueued {sent} " in out and "stopping after the batch being sent" in err
+    resume = re.search(r"resume with --since (\S+)", out).group(1)
+    assert datetime.fromisoformat(resume) == stream[sent][1]

@@ -282,3 +282,20 @@ def test_bad_replay_options_are_one_line(runner: CliRunner, archived: list, args
     result = runner.invoke(cli, ["replay", *args])
     assert result.exit_code == 2, result.output
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_progress_is_a_line_per_interval_off_a_terminal(
+        redis_client: redis.Redis, app: Celery, archived: list,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    from vebaq.core.progress import Progress
+
+    monkeypatch.setattr("vebaq.core.progress.LOG_INTERVAL", 0.0)
+    out = io.StringIO()
+    run(Archive(redis_client), Publisher(app), request(pool="echo"), batch=25,
+        progress=Progress("replaying", None, stream=out))
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 5  # after each of the 4 batches, and the end
+    assert lines[0].startswith("replaying [######------------------]  24% 25 (")
+    assert lines[-1].startswith("replaying [########################] 100% 100 (")

@@ -533,7 +533,7 @@ def replay(ctx: click.Context, since: str, until: str | None, subjects: tuple[st
     click.echo(f"{'dry run: ' if dry_run else ''}{window}: "
                f"{replays.describe(summary, dry_run)}")
     if summary.stopped_at is not None:
-        ctx.exit(130)
+        sys.exit(130)  # interrupted, as a shell reports Ctrl-C
 
 
 def main() -> None:

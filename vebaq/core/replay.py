@@ -181,8 +181,6 @@ def run(archive: Archive, publisher: Publisher | None, request: Request, *,
     summary = Summary(token)
     span = max(((request.until or started) - request.since).total_seconds(), 1e-6)
     stop = stop or threading.Event()
-    if publisher is not None:
-        publisher.declare(request.pools if request.pool is None else [request.pool])
 
     def flush(sends: list[_Send]) -> None:
         """Resolve and enqueue one batch: all of it, or (an exception) none of it counted."""
