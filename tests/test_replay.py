@@ -272,7 +272,7 @@ def test_replay_and_archive_stats_commands(runner: CliRunner, redis_client: redi
 @pytest.mark.parametrize(("args", "message"), [
     (["--since", "yesterday"], "vebaq: error: --since: expected a duration such as 2h"),
     (["--since", "1h", "--until", "2h"], "vebaq: error: --until ("),
-    (["--since", "1h", "--pool", "nope"], "--pool: unknown pool 'nope' (known: echo, "),
+    (["--since", "1h", "--pool", "nope"], "--pool: unknown pool 'nope' (known: "),
     (["--since", "1h", "--function", "nope"], "--function: no function 'nope' in any pool"),
     (["--since", "1h", "--source", "https://other/sdk"],
      "vebaq: error: --source: no archive of 'https://other/sdk' (archived sources: "),
