@@ -13,8 +13,10 @@ Layout (keys in :mod:`vebaq.core.keys`), per vCenter instance UUID:
     one entry per event, fields ``s`` (the subject) and ``e`` (the structured CloudEvent as
     JSON). Entry ids are the events' creation times in milliseconds (``<ms>-<seq>``), clamped
     to stay increasing: an id is never earlier than its event, and later only by how far vCenter
-    returned events out of time order. A time range is therefore an id range; reads filter on
-    the exact ``time``.
+    returned events out of time order. A time range is therefore an id range (scanned up to
+    :data:`ID_SLACK_MS` past its end); reads filter on the exact ``time``. An event whose id is
+    later still (vCenter's clock stepped back by more than that) is missed by a range that ends
+    within the step.
 ``meta`` / ``subjects``
     the archive's bytes, last id and source URL; events per subject. Kept by the same scripts
     that add and trim entries, so statistics and metrics never scan the stream.
