@@ -34,6 +34,7 @@ class Profile:
     :param load_seconds: seconds of posting at :attr:`load_rate` per latency repeat.
     :param vrops_events: maintenance events per vROps repeat.
     :param vrops_models: ``(pool implementation, concurrency)`` pairs of the vrops worker.
+    :param archive_events: events archived and replayed per archive repeat.
     """
 
     name: str
@@ -47,6 +48,7 @@ class Profile:
     load_seconds: float
     vrops_events: int
     vrops_models: tuple[tuple[str, int], ...]
+    archive_events: int = 20_000
     idle_rate: float = 1.0
     load_rate: float = 50.0
     worker_concurrency: tuple[int, ...] = (1, 2)
@@ -66,5 +68,5 @@ QUICK = Profile(
     name="quick", repeats=3, backlog=5_000, worker_tasks=250, raw_messages=5_000,
     latency_intervals=(0.5,), latency_without_backoff=(), idle_seconds=4.0, load_seconds=2.0,
     vrops_events=60,
-    vrops_models=(("prefork", 4), ("threads", 4)),
+    vrops_models=(("prefork", 4), ("threads", 4)), archive_events=3_000,
 )

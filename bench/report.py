@@ -132,6 +132,23 @@ def rows(results: dict[str, Any]) -> list[Row]:
             out.append(Row("vrops", "  threads vs prefork at -c 4", "",
                            "prefork -c 4", _ratio(vrops["ratio_threads_to_prefork_c4"]),
                            f"fastest: {vrops['fastest']}"))
+    archive = sections.get("archive") or {}
+    if "produce_per_s" in archive:
+        rates = archive["produce_per_s"]
+        out += [
+            Row("archive", f"producer step with the archive, {archive['events']:,} events "
+                "(events/s)", _num(_median(rates["with_archive"])),
+                f"without {_num(_median(rates['without_archive']))}",
+                _ratio(_median(archive["ratio_with_to_without"]))),
+            Row("archive", "replay from the archive (events/s)",
+                _num(_median(archive["replay_events_per_s"])),
+                f"publish only {_num(_median(archive['publish_only_events_per_s']))}",
+                _ratio(_median(archive["ratio_replay_to_publish"]))),
+            Row("archive", "bytes per archived event (MEMORY USAGE)",
+                _num(_median(archive["bytes_per_event"])),
+                f"JSON {_num(_median(archive['json_bytes_per_event']))}",
+                _ratio(_median(archive["ratio_bytes_to_json"]))),
+        ]
     if push is not None:
         out += [Row("raw", f"LPUSH, pipelines of 500, {raw['message_bytes']:,} B msgs (msg/s)",
                     _num(push)),
@@ -205,6 +222,9 @@ What each figure is (details in the docstrings of `bench/*.py`):
 - **vrops**: the vrops pool against the fake vROps answering each call after 50 ms; after a
   warm-up (tokens, resource ids cached). Ideal = concurrency / 50 ms.
 - **raw**: the same task messages pushed with redis-py pipelines and popped one `BRPOP` each.
+- **archive**: the producer's per-batch step (publish, archive, checkpoint) with and without the
+  archive; `vebaq replay`'s loop re-enqueueing every archived event against publishing the same
+  messages built beforehand; `MEMORY USAGE` of the stream per event against its JSON.
 """
 
 

@@ -15,6 +15,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from producer.reader import EventReader, Stall
 from vebaq.core import deadletters, retrystore
+from vebaq.core.archive import Archive
 
 #: ``/healthz`` fails when the main loop has not come round for this many seconds.
 STALL_SECONDS = 120
@@ -25,18 +26,22 @@ DEFAULT_POLL_STALE_AFTER = 30.0
 
 
 class QueueStateCollector:
-    """Read at scrape time from Redis: dead letters per subject and pool, pending retries, and
-    each pool queue's depth (Flower's /metrics has no queue length)."""
+    """Read at scrape time from Redis: dead letters per subject and pool, pending retries, each
+    pool queue's depth (Flower's /metrics has no queue length), and each vCenter's archive."""
 
-    def __init__(self, redis_client: redis.Redis, pools: set[str]) -> None:
+    def __init__(self, redis_client: redis.Redis, pools: set[str],
+                 archive: Archive | None = None) -> None:
         self.redis = redis_client
         self.pools = pools
+        self.archive = archive
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         try:
             letters = deadletters.counts(self.redis)
             retries = retrystore.pending(self.redis)
             depths = {pool: self.redis.llen(pool) for pool in sorted(self.pools)}
+            archives = ([self.archive.stats(uuid) for uuid in sorted(self.archive.sources())]
+                        if self.archive is not None else [])
         except redis.RedisError:
             return  # a scrape while Redis is away shows the producer's own metrics only
         dead = GaugeMetricFamily("vebaq_dead_letters", "Dead letters waiting for replay",
@@ -51,6 +56,24 @@ class QueueStateCollector:
         for pool, depth in depths.items():
             queued.add_metric([pool], depth)
         yield queued
+        if self.archive is None:
+            return
+        labels = ["source", "vcenter_uuid"]
+        length = GaugeMetricFamily("vebaq_archive_events", "Events in a vCenter's archive",
+                                   labels=labels)
+        size = GaugeMetricFamily("vebaq_archive_bytes",
+                                 "Bytes of a vCenter's archive (as counted against maxBytes)",
+                                 labels=labels)
+        age = GaugeMetricFamily("vebaq_archive_oldest_age_seconds",
+                                "Age of the oldest archived event", labels=labels)
+        now = time.time()
+        for stats in archives:
+            names = [stats.source, stats.instance_uuid]
+            length.add_metric(names, stats.length)
+            size.add_metric(names, stats.bytes)
+            if stats.oldest is not None:
+                age.add_metric(names, max(0.0, now - stats.oldest.timestamp()))
+        yield from (length, size, age)
 
 
 class ProducerMetrics:
@@ -68,6 +91,17 @@ class ProducerMetrics:
                                  "Events that could not be converted (dead-lettered)", registry=r)
         self.reconnects = Counter("vebaq_producer_vcenter_reconnects",
                                   "vCenter logins after a lost session", registry=r)
+        self.archived = Counter("vebaq_producer_archived_events", "Events archived", registry=r)
+        self.archive_duplicates = Counter(
+            "vebaq_producer_archive_duplicates",
+            "Events of a batch sent again that were archived already (not archived twice)",
+            registry=r)
+        self.archive_shed = Counter(
+            "vebaq_producer_archive_shed",
+            "Oldest archived events dropped early because Redis was near maxmemory", registry=r)
+        self.archive_skipped = Counter(
+            "vebaq_producer_archive_skipped",
+            "Enqueued events not archived (reason: memory, oom, error)", ["reason"], registry=r)
         self.read_lag = Gauge("vebaq_producer_read_lag_seconds",
                               "Now minus the newest published event's creation time", registry=r)
         self.checkpoint_time = Gauge("vebaq_producer_checkpoint_timestamp_seconds",
@@ -97,9 +131,10 @@ class ProducerMetrics:
         self._resets_seen = 0
         self._skipped_seen = 0
 
-    def watch_queues(self, redis_client: redis.Redis, pools: set[str]) -> None:
-        """Also export dead-letter, retry and queue depths from this Redis."""
-        self.registry.register(QueueStateCollector(redis_client, pools))
+    def watch_queues(self, redis_client: redis.Redis, pools: set[str],
+                     archive: Archive | None = None) -> None:
+        """Also export dead-letter, retry and queue depths, and the archive, from this Redis."""
+        self.registry.register(QueueStateCollector(redis_client, pools, archive))
 
     def stats(self) -> dict:
         """The VEBA router's ``/stats`` shape: per provider/processor counts."""

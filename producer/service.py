@@ -1,4 +1,5 @@
-"""The producer loop: read new vCenter events, convert, enqueue, then advance the checkpoint."""
+"""The producer loop: read new vCenter events, convert, enqueue, archive, then advance the
+checkpoint (the archive's guarantee is in :mod:`vebaq.core.archive`)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from producer.reader import EventReader, SeenKeys
 from producer.simulated import SimulatedReader, SimulatedSession
 from producer.vcenter import CONNECTION_LOST, SESSION_LOST, Session, connect
 from vebaq.core import deadletters, progress
+from vebaq.core.archive import HIGH_WATER, Archive
 from vebaq.core.broker import sender_app
 from vebaq.core.config import Settings
 from vebaq.core.envelope import to_structured
@@ -44,12 +46,14 @@ class ReadEvent:
 
     :param key: the vCenter event key; :param created: its creation time;
     :param messages: the task messages to send, one per matching pool (none: no trigger
-        matched, the event only moves the checkpoint).
+        matched, the event is archived and moves the checkpoint);
+    :param event: the structured CloudEvent.
     """
 
     key: int
     created: datetime
     messages: tuple[TaskMessage, ...]
+    event: dict | None = None
 
 #: Errors that mean "Redis did not take the batch": keep it and try again.
 BROKER_ERRORS = (OperationalError, KombuError, redis.RedisError, ConnectionError, OSError)
@@ -62,6 +66,10 @@ QUIET_BEFORE_BACKOFF = 30.0
 
 #: Seconds behind vCenter above which the producer reports its catch-up progress.
 CATCH_UP_LAG = 30.0
+
+#: Seconds between two warnings that the archive is shedding or skipping events (each is
+#: counted in the metrics).
+ARCHIVE_WARNING_INTERVAL = 60.0
 
 
 class CatchUp:
@@ -118,7 +126,10 @@ class ProducerService:
         self.stop = threading.Event()
         self.redis = client(settings.broker_url)
         self.publisher = Publisher(self.app)
-        self.metrics.watch_queues(self.redis, {t.pool for t in settings.triggers})
+        self.archive = Archive(self.redis, settings.archive) if settings.archive.enabled else None
+        self._archive_warned = 0.0
+        self.metrics.watch_queues(self.redis, {t.pool for t in settings.triggers},
+                                  archive=self.archive)
         self.lease = Lease(self.redis, settings.vcenter.url if simulate is None else "simulated")
         self.session: Session | None = None
         self.reader: EventReader | SimulatedReader | None = None
@@ -272,7 +283,7 @@ class ProducerService:
                 continue
             messages = tuple(TaskMessage(structured["subject"], structured, pool)
                              for pool in route(self.settings.triggers, structured))
-            converted.append(ReadEvent(event.key, cloudevent.get_time(), messages))
+            converted.append(ReadEvent(event.key, cloudevent.get_time(), messages, structured))
         return converted
 
     def _dead_letter_malformed(self, event: vim.event.Event, exc: Exception) -> None:
@@ -284,10 +295,11 @@ class ProducerService:
                         error=exc, attempt=1)
 
     def _publish(self, pending: list[ReadEvent]) -> bool:
-        """Enqueue, then commit the checkpoint; False (batch kept) if Redis failed."""
+        """Enqueue, archive, then commit the checkpoint; False (batch kept) if Redis failed."""
         batch = [message for item in pending for message in item.messages]
         try:
             self.publisher.publish(batch)
+            self._archive(pending)
             checkpoint = self.store.commit([(item.key, item.created) for item in pending],
                                            self.reader.floor, fence=self.lease)
         except LeaseLost:
@@ -301,6 +313,7 @@ class ProducerService:
             return False
         for message in batch:
             self.metrics.published.labels(pool=message.pool).inc()
+        self._settle(pending)
         self.reader.confirmed([item.key for item in pending], checkpoint.created - OVERLAP)
         self.metrics.checkpoint_time.set(checkpoint.updated)
         self.metrics.read_lag.set(max(0.0, time.time() - checkpoint.created.timestamp()))
@@ -308,6 +321,54 @@ class ProducerService:
         logger.info("enqueued %d event(s) (keys %d–%d) → %d task(s); checkpoint at event %d",
                     len(pending), pending[0].key, pending[-1].key, len(batch), checkpoint.key)
         return True
+
+    def _archive(self, pending: list[ReadEvent]) -> None:
+        """Archive the enqueued batch. Connection errors propagate (the batch is kept and sent
+        again, the archive skips what it already has); Redis refusing the append does not stop
+        the checkpoint: the events are enqueued, only their copy is missing, which is said."""
+        if self.archive is None:
+            return
+        events = [(item.event, item.created) for item in pending if item.event is not None]
+        try:
+            result = self.archive.append(self.session.instance_uuid, self.session.url, events)
+        except redis.ResponseError as exc:
+            self.metrics.archive_skipped.labels(reason="error").inc(len(events))
+            logger.error("archive: %d enqueued event(s) not archived: Redis refused: %s",
+                         len(events), scrub(str(exc), self.settings.secrets()))
+            return
+        metrics = self.metrics
+        metrics.archived.inc(result.added)
+        metrics.archive_duplicates.inc(result.duplicates)
+        metrics.archive_shed.inc(result.shed)
+        if result.out_of_memory:
+            metrics.archive_skipped.labels(reason="oom").inc(len(events))
+        elif result.skipped:
+            metrics.archive_skipped.labels(reason="memory").inc(result.skipped)
+        if result.duplicates:
+            logger.info("archive: %d event(s) of a batch sent again were archived already",
+                        result.duplicates)
+        if (result.shed or result.skipped or result.out_of_memory) and \
+                time.monotonic() - self._archive_warned >= ARCHIVE_WARNING_INTERVAL:
+            self._archive_warned = time.monotonic()
+            full = f"above {HIGH_WATER:.0%} of maxmemory"
+            if result.out_of_memory or result.skipped:
+                logger.warning("archive: Redis is %s: %d enqueued event(s) not archived "
+                               "(counted in vebaq_producer_archive_skipped_total)",
+                               "out of memory" if result.out_of_memory else full, len(events))
+            else:
+                logger.warning("archive: Redis is %s: %d oldest archived event(s) dropped to "
+                               "leave room for tasks", full, result.shed)
+
+    def _settle(self, pending: list[ReadEvent]) -> None:
+        """The checkpoint moved past these events: the archive need not recognise them again
+        (failing is harmless: the ids expire)."""
+        if self.archive is None:
+            return
+        try:
+            self.archive.settle(self.session.instance_uuid,
+                                [str(item.event.get("id")) for item in pending if item.event])
+        except BROKER_ERRORS as exc:
+            logger.warning("archive: could not settle a batch (%s)", type(exc).__name__)
 
     def _reconnect(self, cause: BaseException) -> None:
         """Log in again and recreate the collector, from the checkpoint (never skipping)."""

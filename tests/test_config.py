@@ -94,6 +94,11 @@ def test_walkthrough_secret_names_configure_vrops() -> None:
     ("pools: {vrops: {retries: 3}}", "pools.vrops.retries: unknown key"),
     ("pools: {vrops: {backoffPolicy: cubic}}", "pools.vrops.backoffPolicy: expected one of"),
     ("cloudevents: {type: cncf}", "cloudevents.type: expected one of router, vsphere"),
+    ("archive: {maxAge: 30d}", "archive.maxAge: must be > 0 and at most 7d"),
+    ("archive: {maxBytes: lots}", "archive.maxBytes: expected a size such as 1048576"),
+    ("archive: {maxBytes: 64KiB}", "archive.maxBytes: must be at least 1MiB"),
+    ("archive: {maxEntries: 0}", "archive.maxEntries: must be at least 1"),
+    ("archive: {maxLength: 5}", "archive.maxLength: unknown key"),
     ("vcenter: {url: [unclosed", "not valid YAML (line 1)"),
     ("- just\n- a list", "expected a mapping at the top level"),
 ])
@@ -112,6 +117,19 @@ def test_malformed_broker_url_from_env_names_the_variable() -> None:
     with pytest.raises(ConfigError, match="VEBAQ_BROKER_URL: malformed broker URL") as caught:
         config.load(environ={"VEBAQ_BROKER_URL": "redis://:topsecret@host:99999999/0"})
     assert "topsecret" not in str(caught.value)
+
+
+def test_archive_bounds_from_file_and_env(tmp_path: Path) -> None:
+    assert config.load(environ={}).archive == config.ArchiveSettings()
+    path = write(tmp_path, "archive: {maxAge: 2d, maxEntries: 5000, maxBytes: 64MiB}\n")
+    archive = config.load(path, environ={}).archive
+    assert (archive.enabled, archive.max_age, archive.max_entries, archive.max_bytes) == \
+        (True, 2 * 86400, 5000, 64 * 2**20)
+    env = {"VEBAQ_ARCHIVE": "false", "VEBAQ_ARCHIVE_MAX_BYTES": "1GB",
+           "VEBAQ_ARCHIVE_MAX_AGE": "12h", "VEBAQ_ARCHIVE_MAX_ENTRIES": "100"}
+    archive = config.load(path, environ=env).archive
+    assert (archive.enabled, archive.max_age, archive.max_entries, archive.max_bytes) == \
+        (False, 12 * 3600, 100, 10**9)
 
 
 def test_missing_file() -> None:

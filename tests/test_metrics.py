@@ -43,13 +43,22 @@ def test_metrics_stats_and_health(stack_env: dict[str, str], log_dir: Path, vcen
     for needle in ('vebaq_producer_tasks_published_total{pool="echo"}',
                    "vebaq_producer_events_read_total", "vebaq_producer_read_lag_seconds",
                    'vebaq_dead_letters{pool="echo",subject="VmPoweredOnEvent"} 1.0',
-                   'vebaq_queue_depth{pool="echo"}', "vebaq_retries_pending 0.0"):
+                   'vebaq_queue_depth{pool="echo"}', "vebaq_retries_pending 0.0",
+                   "vebaq_producer_archived_events_total 1.0",
+                   f'vebaq_archive_events{{source="{vcenter_source(stack_env)}",'
+                   f'vcenter_uuid="{vcenter.instance_uuid}"}} 1.0',
+                   "vebaq_archive_bytes{", "vebaq_archive_oldest_age_seconds{"):
         assert needle in text, needle
     stats = json.loads(fetch(f"{base}/stats")[1])
     assert stats["celery"]["published_per_pool"]["echo"] >= 1
     assert stats["vcenter"]["events_read"] >= 1
     assert fetch(f"{base}/nope")[0] == 404
     wait_until(lambda: producer.stop() == 0, 30, "a clean stop")
+
+
+def vcenter_source(env: dict[str, str]) -> str:
+    """The CloudEvent source of the simulator's events: its SDK URL."""
+    return env["VCENTER_URL"]
 
 
 def test_catch_up_progress_is_logged(caplog: pytest.LogCaptureFixture,

@@ -55,7 +55,8 @@ def dump_redis(r: redis.Redis) -> str:
     for key in r.scan_iter():
         kind = r.type(key).decode()
         value: object = {"string": r.get, "hash": r.hgetall, "list": lambda k: r.lrange(k, 0, -1),
-                         "set": r.smembers, "zset": lambda k: r.zrange(k, 0, -1)}[kind](key)
+                         "set": r.smembers, "zset": lambda k: r.zrange(k, 0, -1),
+                         "stream": r.xrange}[kind](key)  # the event archive
         parts.append(f"{key!r} {value!r}")
         # Celery bodies are base64: decode them too.
         for item in value if isinstance(value, list) else []:

@@ -11,6 +11,8 @@ import logging
 import os
 import signal
 import sys
+import threading
+from collections.abc import Callable
 from functools import cached_property
 from typing import TYPE_CHECKING
 
@@ -18,6 +20,7 @@ import click
 
 from vebaq.core import config, deadletters, retrystore
 from vebaq.core.errors import (
+    BadOption,
     BrokerError,
     NoSuchDeadLetter,
     NotReplayable,
@@ -32,6 +35,7 @@ if TYPE_CHECKING:
     import redis
 
     from vebaq.core.publish import Publisher
+    from vebaq.core.replay import Handler as ReplayHandler
 
 logger = logging.getLogger("vebaq")
 
@@ -138,13 +142,13 @@ def dev(pools: tuple[str, ...], simulate: bool | None, rate: float, flower_port:
     sys.exit(dev_mode.run(pools, simulate, rate, flower_port, metrics_port))
 
 
-# --- dead letters
+# --- dead letters, the archive and replays: commands on the broker's Redis
 
 
 class CommandError(click.ClickException):
-    """A :class:`VebaqError` raised inside a ``dlq`` command, shown like :func:`main` shows one
-    (``vebaq: error: …``, one line, the error's exit status), also when click runs the command
-    itself (``standalone_mode``, ``CliRunner``)."""
+    """A :class:`VebaqError` raised inside a broker command (``dlq``, ``archive``, ``replay``),
+    shown like :func:`main` shows one (``vebaq: error: …``, one line, the error's exit status),
+    also when click runs the command itself (``standalone_mode``, ``CliRunner``)."""
 
     def __init__(self, error: VebaqError) -> None:
         super().__init__(str(error))
@@ -154,26 +158,37 @@ class CommandError(click.ClickException):
         click.echo(error_line(self.format_message()), err=True)
 
 
-class DeadLetterGroup(click.Group):
+def _one_line_errors(ctx: click.Context, invoke: Callable[[click.Context], object]) -> object:
+    import redis
+    from kombu.exceptions import OperationalError
+
+    try:
+        return invoke(ctx)
+    except VebaqError as exc:
+        raise CommandError(exc) from None
+    except (redis.RedisError, OperationalError) as exc:
+        broker = ctx.obj.broker() if isinstance(ctx.obj, BrokerStore) else "?"
+        raise CommandError(BrokerError(f"broker {broker}: {type(exc).__name__}: {exc}")) \
+            from None
+
+
+class BrokerGroup(click.Group):
     """Turns vebaq's and the broker's errors in its commands into one line (see
     :class:`CommandError`)."""
 
     def invoke(self, ctx: click.Context) -> object:
-        import redis
-        from kombu.exceptions import OperationalError
-
-        try:
-            return super().invoke(ctx)
-        except VebaqError as exc:
-            raise CommandError(exc) from None
-        except (redis.RedisError, OperationalError) as exc:
-            broker = ctx.obj.broker() if isinstance(ctx.obj, DeadLetterStore) else "?"
-            raise CommandError(BrokerError(f"broker {broker}: {type(exc).__name__}: {exc}")) \
-                from None
+        return _one_line_errors(ctx, super().invoke)
 
 
-class DeadLetterStore:
-    """What the ``dlq`` commands work on, made on first use: the settings, the broker's Redis,
+class BrokerCommand(click.Command):
+    """:class:`BrokerGroup` for a command of its own."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        return _one_line_errors(ctx, super().invoke)
+
+
+class BrokerStore:
+    """What the broker commands work on, made on first use: the settings, the broker's Redis,
     and a Celery app for replays."""
 
     def __init__(self, config_path: str | None) -> None:
@@ -203,6 +218,16 @@ class DeadLetterStore:
         from workers.pools import load_functions
 
         return load_functions(self.settings.functions)
+
+    @property
+    def handlers(self) -> dict[str, list[ReplayHandler]]:
+        """Pool → the functions the configured modules register for it."""
+        from vebaq.core.replay import Handler
+        from workers.pools import POOLS
+
+        self.pools  # noqa: B018 - imports the function modules
+        return {pool: [Handler(f.name, f.subjects) for f in functions]
+                for pool, functions in POOLS.items()}
 
     def broker(self) -> str:
         """The broker URL without its password, for error messages."""
@@ -238,7 +263,7 @@ def _cell(value: object) -> str:
 LIST_ERROR_WIDTH = 60
 
 
-@cli.group(cls=DeadLetterGroup)
+@cli.group(cls=BrokerGroup)
 @click.option("--config", "config_path", envvar="VEBAQ_CONFIG", type=click.Path(),
               help="YAML configuration file (default: $VEBAQ_CONFIG); gives the broker URL.")
 @click.pass_context
@@ -247,7 +272,7 @@ def dlq(ctx: click.Context, config_path: str | None) -> None:
 
     A dead letter is an event whose function failed for good (last retry, or a permanent
     error), or a message no worker could use."""
-    ctx.obj = DeadLetterStore(config_path)
+    ctx.obj = BrokerStore(config_path)
     ctx.call_on_close(ctx.obj.close)
 
 
@@ -256,7 +281,7 @@ def dlq(ctx: click.Context, config_path: str | None) -> None:
 @click.option("--subject", help="Only dead letters of this event subject (task name).")
 @click.option("--pool", help="Only dead letters of this pool.")
 @click.pass_obj
-def dlq_list(store: DeadLetterStore, as_json: bool, subject: str | None,
+def dlq_list(store: BrokerStore, as_json: bool, subject: str | None,
              pool: str | None) -> None:
     """List the dead letters, oldest first."""
     import time
@@ -279,7 +304,7 @@ def dlq_list(store: DeadLetterStore, as_json: bool, subject: str | None,
 @dlq.command("show")
 @click.argument("letter_id", metavar="ID")
 @click.pass_obj
-def dlq_show(store: DeadLetterStore, letter_id: str) -> None:
+def dlq_show(store: BrokerStore, letter_id: str) -> None:
     """Print one dead letter as JSON (CloudEvent, error, traceback)."""
     click.echo(json.dumps(deadletters.get(store.redis, letter_id), indent=2,
                           ensure_ascii=False))
@@ -291,7 +316,7 @@ def dlq_show(store: DeadLetterStore, letter_id: str) -> None:
 @click.option("--subject", help="With --all: only this event subject.")
 @click.option("--pool", help="With --all: only this pool.")
 @click.pass_obj
-def dlq_replay(store: DeadLetterStore, letter_id: str | None, replay_all: bool,
+def dlq_replay(store: BrokerStore, letter_id: str | None, replay_all: bool,
                subject: str | None, pool: str | None) -> None:
     """Send dead letters to their pool again.
 
@@ -338,7 +363,7 @@ def dlq_replay(store: DeadLetterStore, letter_id: str | None, replay_all: bool,
 @click.argument("letter_ids", metavar="[ID]...", nargs=-1)
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.pass_obj
-def dlq_purge(store: DeadLetterStore, letter_ids: tuple[str, ...], yes: bool) -> None:
+def dlq_purge(store: BrokerStore, letter_ids: tuple[str, ...], yes: bool) -> None:
     """Delete the given dead letters, or all of them, for good."""
     count = len(letter_ids) if letter_ids else deadletters.depth(store.redis)
     if count == 0:
@@ -353,7 +378,7 @@ def dlq_purge(store: DeadLetterStore, letter_ids: tuple[str, ...], yes: bool) ->
 @dlq.command("stats")
 @click.option("--json", "as_json", is_flag=True, help="As a JSON object.")
 @click.pass_obj
-def dlq_stats(store: DeadLetterStore, as_json: bool) -> None:
+def dlq_stats(store: BrokerStore, as_json: bool) -> None:
     """Dead letters per subject and pool, and retries waiting."""
     counts = sorted(deadletters.counts(store.redis).items(), key=lambda kv: (-kv[1], str(kv[0])))
     depth, pending = deadletters.depth(store.redis), retrystore.pending(store.redis)
@@ -367,6 +392,148 @@ def dlq_stats(store: DeadLetterStore, as_json: bool) -> None:
                           [(_cell(s), _cell(p), str(n)) for (s, p), n in counts]))
     click.echo(f"dead letters: {depth}")
     click.echo(f"retries pending: {pending}")
+
+
+# --- the event archive
+
+
+def _moment(moment: object) -> str:
+    from datetime import datetime
+
+    if not isinstance(moment, datetime):
+        return "-"
+    return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _size(count: int | None) -> str:
+    if count is None:
+        return "-"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{count} B"
+
+
+@cli.group(cls=BrokerGroup)
+@click.option("--config", "config_path", envvar="VEBAQ_CONFIG", type=click.Path(),
+              help="YAML configuration file (default: $VEBAQ_CONFIG); gives the broker URL.")
+@click.pass_context
+def archive(ctx: click.Context, config_path: str | None) -> None:
+    """The event archive: every event the producer enqueued, kept for `vebaq replay`."""
+    ctx.obj = BrokerStore(config_path)
+    ctx.call_on_close(ctx.obj.close)
+
+
+@archive.command("stats")
+@click.option("--json", "as_json", is_flag=True, help="As a JSON object.")
+@click.pass_obj
+def archive_stats(store: BrokerStore, as_json: bool) -> None:
+    """Per vCenter: events, bytes, oldest and newest event, events per subject."""
+    from vebaq.core.archive import Archive
+
+    bounds = store.settings.archive
+    archived = Archive(store.redis, bounds)
+    stats = [archived.stats(uuid, memory=True) for uuid in sorted(archived.sources())]
+    limits = {"enabled": bounds.enabled, "max_age_seconds": bounds.max_age,
+              "max_entries": bounds.max_entries, "max_bytes": bounds.max_bytes}
+    if as_json:
+        click.echo(json.dumps({"bounds": limits, "sources": [
+            {"source": s.source, "vcenter_uuid": s.instance_uuid, "events": s.length,
+             "bytes": s.bytes, "memory_usage": s.memory, "oldest": _moment(s.oldest),
+             "newest": _moment(s.newest),
+             "bytes_per_event": round(s.memory / s.length) if s.length and s.memory else None,
+             "subjects": dict(sorted(s.subjects.items(), key=lambda kv: (-kv[1], kv[0])))}
+            for s in stats]}, indent=2))
+        return
+    state = "on" if bounds.enabled else "off (archive.enabled: false)"
+    click.echo(f"archive {state}; bounds per vCenter: {_age(bounds.max_age)}, "
+               f"{bounds.max_entries:,} events, {_size(bounds.max_bytes)}")
+    if not stats:
+        click.echo("no archived events")
+        return
+    click.echo(_table(("SOURCE", "EVENTS", "BYTES", "MEMORY USAGE", "OLDEST", "NEWEST"),
+                      [(s.source, f"{s.length:,}", _size(s.bytes), _size(s.memory),
+                        _moment(s.oldest), _moment(s.newest)) for s in stats]))
+    for s in stats:
+        if s.subjects:
+            click.echo(f"\n{s.source}")
+            rows = sorted(s.subjects.items(), key=lambda kv: (-kv[1], kv[0]))
+            click.echo(_table(("SUBJECT", "EVENTS"), [(k, f"{v:,}") for k, v in rows]))
+
+
+@cli.command(cls=BrokerCommand)
+@click.option("--since", required=True, metavar="WHEN",
+              help="Events created at or after this: a duration back from now (2h, 7d) or an "
+                   "RFC 3339 time (2025-06-03T14:00:00Z).")
+@click.option("--until", metavar="WHEN", help="… and at or before this (default: now).")
+@click.option("--subject", "subjects", multiple=True,
+              help="Only this event subject; repeat for several.")
+@click.option("--source", "sources", multiple=True,
+              help="Only this vCenter (its source URL); repeat for several.")
+@click.option("--pool", help="Send to this pool instead of where today's triggers route.")
+@click.option("--function", "function", help="Run only this function.")
+@click.option("--dry-run", is_flag=True, help="Count what would be replayed; send nothing.")
+@click.option("--force", is_flag=True,
+              help="Run functions again that already ran for the event (after a fix).")
+@click.option("--config", "config_path", envvar="VEBAQ_CONFIG", type=click.Path(),
+              help="YAML configuration file (default: $VEBAQ_CONFIG).")
+@click.pass_context
+def replay(ctx: click.Context, since: str, until: str | None, subjects: tuple[str, ...],
+           sources: tuple[str, ...], pool: str | None, function: str | None, dry_run: bool,
+           force: bool, config_path: str | None) -> None:
+    """Re-enqueue archived events, in their original order.
+
+    They go to the pools today's triggers route them to (or to --pool), marked with the
+    CloudEvent extensions replayed and replayedat, with their ids unchanged. Functions that
+    already ran for an event are not run again unless --force. Ctrl-C stops after the batch
+    being sent."""
+    from datetime import UTC, datetime
+
+    from vebaq.core import replay as replays
+    from vebaq.core.archive import Archive
+
+    store = ctx.obj = BrokerStore(config_path)
+    ctx.call_on_close(store.close)
+    now = datetime.now(UTC)
+    begin = replays.parse_moment(since, now, "--since")
+    end = replays.parse_moment(until, now, "--until") if until else None
+    if end is not None and end < begin:
+        raise BadOption(f"--until ({_moment(end)}) is before --since ({_moment(begin)})")
+    settings = store.settings
+    handlers = store.handlers
+    if pool is not None and pool not in handlers:
+        raise BadOption(f"--pool: unknown pool {pool!r} (known: "
+                               f"{', '.join(sorted(handlers))})")
+    if function is not None:
+        offered = {h.name for p, hs in handlers.items() if pool in (None, p) for h in hs}
+        if function not in offered:
+            where = f"pool {pool!r}" if pool else "any pool"
+            raise BadOption(f"--function: no function {function!r} in {where} (known: "
+                                   f"{', '.join(sorted(offered)) or 'none'})")
+    archived = Archive(store.redis, settings.archive)
+    request = replays.Request(
+        since=begin, until=end, instance_uuids=replays.resolve_sources(archived, sources),
+        triggers=settings.triggers, pools=handlers, subjects=subjects or None, pool=pool,
+        function=function, force=force)
+    stop = threading.Event()
+
+    def interrupt(_signum: int, _frame: object) -> None:
+        click.echo("\nstopping after the batch being sent (Ctrl-C again to abort at once)",
+                   err=True)
+        stop.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    previous = signal.signal(signal.SIGINT, interrupt)
+    try:
+        summary = replays.run(archived, None if dry_run else store.publisher, request, stop=stop,
+                              progress=Progress("replaying", None), now=now)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    window = f"{_moment(begin)} – {_moment(end) if end else 'now'}"
+    click.echo(f"{'dry run: ' if dry_run else ''}{window}: "
+               f"{replays.describe(summary, dry_run)}")
+    if summary.stopped_at is not None:
+        sys.exit(130)  # interrupted, as a shell reports Ctrl-C
 
 
 def main() -> None:

@@ -3,7 +3,8 @@
 A message follows the task message contract (:mod:`vebaq.core.messages`). For each function of
 the pool that handles the event's subject:
 
-1. skip it if its done marker says it already ran for this event id (redelivery, overlap);
+1. skip it if its done marker says it already ran for this event id (redelivery, overlap) — for
+   a forced replay (``force``), only if that very replay already ran it (:mod:`vebaq.core.done`);
 2. run it; on success set the done marker;
 3. on failure hand over to :mod:`workers.retries`, which schedules a durable retry of the
    functions that failed, or dead-letters them, and then raises what ends the task (RETRY or
@@ -83,7 +84,7 @@ def _handle(task: Task, kwargs: Mapping[str, Any], args: tuple[Any, ...]) -> dic
             for name in message.functions if name not in known]
         functions = [fn for fn in functions if fn.name in message.functions]
     for fn in functions:
-        if done.is_done(redis_client, message.pool, fn.name, event_id):
+        if done.is_done(redis_client, message.pool, fn.name, event_id, forced_by=message.force):
             skipped.append(fn.name)
             continue
         try:
@@ -91,7 +92,7 @@ def _handle(task: Task, kwargs: Mapping[str, Any], args: tuple[Any, ...]) -> dic
         except Exception as exc:  # every failure is retried or dead-lettered, never lost
             failures.append(retries.Failure(fn.name, exc))
             continue
-        done.mark_done(redis_client, message.pool, fn.name, event_id)
+        done.mark_done(redis_client, message.pool, fn.name, event_id, forced_by=message.force)
         ran.append(fn.name)
     if skipped:
         logger.info("%s %s: already handled by %s (duplicate delivery suppressed)",

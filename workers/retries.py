@@ -88,11 +88,12 @@ def retry_delay(policy: RetryPolicy, attempt: int, errors: Sequence[BaseExceptio
 
 
 def dead_letter(task: Task, r: redis.Redis, event: Any, pool: Any, function: str | None,
-                error: BaseException, attempt: int, first_failed_at: float | None = None) -> str:
+                error: BaseException, attempt: int, first_failed_at: float | None = None,
+                force: str | None = None) -> str:
     """Record a dead letter for ``function`` (``None``: the whole message); returns its id."""
     letter = deadletters.add(r, task_name=task.name, pool=pool, function=function, event=event,
                              error=error, attempt=attempt, first_failed_at=first_failed_at,
-                             task_id=getattr(task.request, "id", None))
+                             task_id=getattr(task.request, "id", None), force=force)
     logger.error("%s → dead letter %s (%s, %d attempt(s)): %s", task.name, letter,
                  function or "message", attempt, describe(error))
     return letter
@@ -115,7 +116,7 @@ def handle_failures(task: Task, r: redis.Redis, message: TaskMessage,
     for failure in failures:
         if isinstance(failure.error, PermanentError) or attempt > policy.max_retries:
             letter = dead_letter(task, r, dict(message.event), message.pool, failure.function,
-                                 failure.error, attempt, first_failed_at)
+                                 failure.error, attempt, first_failed_at, force=message.force)
             letters.append((letter, failure))
         else:
             retrying.append(failure)

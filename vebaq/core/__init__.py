@@ -13,5 +13,7 @@ it builds no Celery app. Modules, bottom up:
 * :mod:`~vebaq.core.done`, :mod:`~vebaq.core.retrystore`, :mod:`~vebaq.core.deadletters` — the
   stores in Redis that both sides read or write;
 * :mod:`~vebaq.core.broker`, :mod:`~vebaq.core.publish` — the Celery settings both sides share,
-  and enqueueing task messages in pipelined batches.
+  and enqueueing task messages in pipelined batches;
+* :mod:`~vebaq.core.archive`, :mod:`~vebaq.core.replay` — the event archive the producer
+  appends to, and replaying a time range of it (``vebaq replay``).
 """

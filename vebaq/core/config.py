@@ -18,6 +18,11 @@ The file is modelled on the VEBA router config; every key is optional::
       requestTimeout: 20s           # one SOAP call; a hung vCenter counts as down after this
       notifications: true           # wake on vCenter's change notifications between polls
       checkpoint: {maxAge: 1h}
+    archive:                        # every event, kept for `vebaq replay` (vebaq.core.archive)
+      enabled: true
+      maxAge: 7d                    # per vCenter; at most 7d (how long done markers last)
+      maxEntries: 1000000
+      maxBytes: 256MiB
     cloudevents:
       type: router                  # or: vsphere (com.vmware.vsphere.<Class>.v0)
     functions: [mycompany.vebaq_functions]
@@ -45,6 +50,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from vebaq.core.done import DONE_TTL
 from vebaq.core.errors import ConfigError, one_line
 from vebaq.core.routing import DEFAULT_TRIGGERS, Trigger, parse_filter
 from vebaq.core.secrets import Secret, redact_url
@@ -121,6 +127,23 @@ class VropsSettings:
 
 
 @dataclass(frozen=True)
+class ArchiveSettings:
+    """Bounds of the event archive (:mod:`vebaq.core.archive`), each per vCenter: the oldest
+    events go first when any bound is reached."""
+
+    enabled: bool = True
+    #: Seconds an event is kept, by its creation time. At most the done markers' lifetime
+    #: (:data:`~vebaq.core.done.DONE_TTL`): an older event replayed without ``--force`` would
+    #: otherwise run again.
+    max_age: float = 7 * 86400.0
+    #: Events kept.
+    max_entries: int = 1_000_000
+    #: Bytes of archived events kept (their JSON plus Redis' per-entry overhead, as measured with
+    #: ``MEMORY USAGE``); the default holds about 240,000 vCenter events.
+    max_bytes: int = 256 * 2**20
+
+
+@dataclass(frozen=True)
 class Settings:
     broker_url: str = DEFAULT_BROKER_URL
     #: Seconds after delivery before an unacked task (its worker died) goes back to its queue.
@@ -131,6 +154,7 @@ class Settings:
     task_sent_events: bool = True
     vcenter: VCenterSettings = field(default_factory=VCenterSettings)
     vrops: VropsSettings = field(default_factory=VropsSettings)
+    archive: ArchiveSettings = field(default_factory=ArchiveSettings)
     #: ``router`` (com.vmware.event.router/event …) or ``vsphere`` (com.vmware.vsphere.X.v0).
     cloudevent_type: str = "router"
     triggers: tuple[Trigger, ...] = DEFAULT_TRIGGERS
@@ -188,6 +212,22 @@ def _positive_int(raw: Any, path: str) -> int:
     if isinstance(raw, bool) or value < 0 or (isinstance(raw, float) and raw != value):
         raise ConfigError(f"{path}: expected a whole number ≥ 0, got {raw!r}")
     return value
+
+
+_BYTE_UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3,
+               "kib": 1024, "mib": 1024**2, "gib": 1024**3}
+
+
+def parse_bytes(raw: Any, path: str) -> int:
+    """Bytes from ``1048576``, ``"512KiB"``, ``"256MiB"``, ``"1GB"`` (KB/MB/GB are powers of
+    1000, KiB/MiB/GiB of 1024)."""
+    if isinstance(raw, int) and not isinstance(raw, bool) and raw >= 0:
+        return raw
+    if isinstance(raw, str):
+        match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([a-zA-Z]*)", raw.strip())
+        if match and match.group(2).lower() in _BYTE_UNITS:
+            return int(float(match.group(1)) * _BYTE_UNITS[match.group(2).lower()])
+    raise ConfigError(f"{path}: expected a size such as 1048576, 512KiB or 256MiB, got {raw!r}")
 
 
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -281,10 +321,18 @@ _RETRY = {
     "maxRetryAfter": ("max_retry_after", parse_duration),
     "jitter": ("jitter", _boolean),
 }
+_ARCHIVE = {
+    "enabled": ("enabled", _boolean),
+    "maxAge": ("max_age", parse_duration),
+    "maxEntries": ("max_entries", _positive_int),
+    "maxBytes": ("max_bytes", parse_bytes),
+}
+#: Smallest ``archive.maxBytes``: a few hundred events.
+MIN_ARCHIVE_BYTES = 2**20
 #: Keys of the ``broker`` section (parsed in :func:`_build`).
 _BROKER = ("url", "visibilityTimeout", "taskSentEvents")
-_TOP_LEVEL = ("broker", "vcenter", "cloudevents", "functions", "triggers", "pools", "vrops",
-              "apiVersion", "kind")
+_TOP_LEVEL = ("broker", "vcenter", "archive", "cloudevents", "functions", "triggers", "pools",
+              "vrops", "apiVersion", "kind")
 
 #: Environment variables → (section, file key). Env wins over the file.
 ENVIRONMENT: dict[str, tuple[str, str]] = {
@@ -298,6 +346,10 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "VCENTER_POLL_INTERVAL": ("vcenter", "pollInterval"),
     "VCENTER_REQUEST_TIMEOUT": ("vcenter", "requestTimeout"),
     "VCENTER_NOTIFICATIONS": ("vcenter", "notifications"),
+    "VEBAQ_ARCHIVE": ("archive", "enabled"),
+    "VEBAQ_ARCHIVE_MAX_AGE": ("archive", "maxAge"),
+    "VEBAQ_ARCHIVE_MAX_ENTRIES": ("archive", "maxEntries"),
+    "VEBAQ_ARCHIVE_MAX_BYTES": ("archive", "maxBytes"),
     "VROPS_URL": ("vrops", "url"),
     "VROPS_USER": ("vrops", "username"),
     "VROPS_PASSWORD": ("vrops", "password"),
@@ -411,7 +463,7 @@ def _build(raw: dict[str, Any], environ: Mapping[str, str]) -> Settings:
         if key not in _TOP_LEVEL:
             raise ConfigError(f"{key}: unknown key (expected one of {', '.join(_TOP_LEVEL)})")
     sections: dict[str, dict[str, Any]] = {}
-    for name in ("broker", "vcenter", "vrops", "cloudevents", "pools"):
+    for name in ("broker", "vcenter", "vrops", "archive", "cloudevents", "pools"):
         value = raw.get(name)
         if value is not None and not isinstance(value, Mapping):
             raise ConfigError(f"{name}: expected a mapping, got {type(value).__name__}")
@@ -453,6 +505,17 @@ def _build(raw: dict[str, Any], environ: Mapping[str, str]) -> Settings:
     if vrops.url and "://" not in vrops.url:  # the walkthrough's vropsFqdn is a bare host name
         vrops = replace(vrops, url=f"https://{vrops.url}")
 
+    archive = _apply(ArchiveSettings(), sections["archive"], _ARCHIVE, "archive")
+    if not 0 < archive.max_age <= DONE_TTL:
+        raise ConfigError(f"archive.maxAge: must be > 0 and at most {DONE_TTL // 86400:.0f}d, "
+                          f"how long done markers are kept (an older event replayed without "
+                          f"--force would run again), got {archive.max_age:g}s")
+    if archive.max_entries < 1:
+        raise ConfigError("archive.maxEntries: must be at least 1 (archive.enabled: false turns "
+                          "the archive off)")
+    if archive.max_bytes < MIN_ARCHIVE_BYTES:
+        raise ConfigError(f"archive.maxBytes: must be at least 1MiB, got {archive.max_bytes}")
+
     ce = sections["cloudevents"]
     unknown = set(ce) - {"type"}
     if unknown:
@@ -485,6 +548,6 @@ def _build(raw: dict[str, Any], environ: Mapping[str, str]) -> Settings:
 
     return Settings(broker_url=broker_url, visibility_timeout=visibility_timeout,
                     task_sent_events=task_sent_events, vcenter=vcenter, vrops=vrops,
-                    cloudevent_type=cloudevent_type, triggers=triggers, retry=retry,
-                    functions=tuple(m.strip() for m in functions),
+                    archive=archive, cloudevent_type=cloudevent_type, triggers=triggers,
+                    retry=retry, functions=tuple(m.strip() for m in functions),
                     default_triggers="triggers" not in raw)

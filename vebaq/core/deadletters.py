@@ -83,7 +83,8 @@ def _count_field(subject: Any, pool: Any) -> str:
 
 def add(r: redis.Redis, *, task_name: str, pool: Any, function: str | None, event: Any,
         error: BaseException, attempt: int, first_failed_at: float | None = None,
-        task_id: str | None = None, message: dict[str, Any] | None = None) -> str:
+        task_id: str | None = None, message: dict[str, Any] | None = None,
+        force: str | None = None) -> str:
     """Store one dead letter; returns its id.
 
     :param task_name: the Celery task name, i.e. the event subject.
@@ -96,6 +97,8 @@ def add(r: redis.Redis, *, task_name: str, pool: Any, function: str | None, even
     :param task_id: the id of the Celery task that gave up, to find it in Flower.
     :param message: what is known of a message that never became a task call (headers, body),
         kept under ``"message"``.
+    :param force: the token of the forced replay that failed: replaying the dead letter forces
+        the function again (its done marker is the one of the run before the fix).
     """
     letter_id = uuid.uuid4().hex[:12]
     now = time.time()
@@ -117,6 +120,8 @@ def add(r: redis.Redis, *, task_name: str, pool: Any, function: str | None, even
     }
     if message is not None:
         record["message"] = message
+    if force:
+        record["force"] = force
     pipe = r.pipeline(transaction=True)
     pipe.hset(RECORDS, letter_id, json.dumps(record, default=str))
     pipe.zadd(INDEX, {letter_id: now})
@@ -186,7 +191,8 @@ def replay_message(record: dict[str, Any]) -> TaskMessage:
                             "replayed; purge it")
     functions = (record["function"],) if record.get("function") else None
     return TaskMessage(str(record.get("task") or event.get("subject")), event, pool,
-                       functions=functions, id_suffix=f"replay-{uuid.uuid4().hex[:8]}")
+                       functions=functions, id_suffix=f"replay-{uuid.uuid4().hex[:8]}",
+                       force=record.get("force") or None)
 
 
 def purge(r: redis.Redis, ids: Iterable[str] | None = None) -> int:

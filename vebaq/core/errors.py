@@ -47,6 +47,12 @@ class ConfigError(VebaqError):
     exit_code = 2
 
 
+class BadOption(VebaqError):
+    """A command-line option is invalid; the message names it."""
+
+    exit_code = 2
+
+
 class VCenterError(VebaqError):
     """vCenter is unreachable, refused the login, or answered something unusable."""
 

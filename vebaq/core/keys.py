@@ -32,6 +32,32 @@ def lease(scope: str) -> str:
     return f"{PREFIX}:lease:{scope}"
 
 
+# --- the event archive (:mod:`vebaq.core.archive`), per vCenter instance
+
+def archive(instance_uuid: str) -> str:
+    """Stream of the vCenter's archived events, entry ids from their creation times."""
+    return f"{PREFIX}:archive:stream:{instance_uuid}"
+
+
+def archive_meta(instance_uuid: str) -> str:
+    """Hash: the archive's bytes, its last entry id and the vCenter's source URL."""
+    return f"{PREFIX}:archive:meta:{instance_uuid}"
+
+
+def archive_subjects(instance_uuid: str) -> str:
+    """Hash of subject → number of archived events."""
+    return f"{PREFIX}:archive:subjects:{instance_uuid}"
+
+
+def archive_unsettled(instance_uuid: str) -> str:
+    """Set of ids of events archived but not yet checkpointed (at most a batch or two)."""
+    return f"{PREFIX}:archive:unsettled:{instance_uuid}"
+
+
+#: Hash of vCenter instance UUID → its source URL, for every vCenter with an archive.
+ARCHIVE_SOURCES = f"{PREFIX}:archive:sources"
+
+
 # --- workers: what already ran, and the vrops pool's per-host state
 
 def done(pool: str, function: str, event_id: str) -> str:

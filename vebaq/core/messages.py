@@ -7,7 +7,8 @@ One vebaq task message is a Celery task call:
 * **queue** — the pool's name (:func:`queue_for`), one direct exchange per pool;
 * **kwargs** — ``event`` (the structured CloudEvent, :mod:`vebaq.core.envelope`), ``pool``, and
   on a retry or a replay of some functions only: ``attempt``, ``functions`` and
-  ``first_failed_at``;
+  ``first_failed_at``; for a forced replay ``force`` (the replay's token: run the functions even
+  if their done marker is set, see :mod:`vebaq.core.done`);
 * **id** — ``<event id>:<pool>`` for the first delivery, ``…:attempt<n>`` for a retry and
   ``…:replay-<token>`` for a replay, so that Flower shows which event a task is.
 
@@ -45,6 +46,7 @@ class TaskMessage:
     :param functions: run only these functions of the pool (a retry or replay); ``None``: all.
     :param first_failed_at: epoch seconds of the first failure, carried to the dead letter.
     :param id_suffix: overrides the id's suffix (``replay-<token>`` for a replay).
+    :param force: the token of a forced replay (kept by its retries and dead letters).
     """
 
     subject: str
@@ -54,6 +56,7 @@ class TaskMessage:
     functions: tuple[str, ...] | None = None
     first_failed_at: float | None = None
     id_suffix: str | None = None
+    force: str | None = None
 
     @property
     def event_id(self) -> str:
@@ -74,6 +77,8 @@ class TaskMessage:
             kwargs["functions"] = list(self.functions)
         if self.first_failed_at is not None:
             kwargs["first_failed_at"] = self.first_failed_at
+        if self.force:
+            kwargs["force"] = self.force
         return kwargs
 
     def summary(self) -> str:
@@ -91,6 +96,10 @@ class TaskMessage:
             summary["attempt"] = self.attempt
         if self.functions is not None:
             summary["functions"] = list(self.functions)
+        if event.get("replayed"):
+            summary["replayed"] = True
+        if self.force:
+            summary["force"] = self.force
         return repr(summary)
 
     @classmethod
@@ -118,5 +127,8 @@ class TaskMessage:
         first = kwargs.get("first_failed_at")
         if first is not None and (not isinstance(first, int | float) or isinstance(first, bool)):
             first = None
+        force = kwargs.get("force")
+        if force is not None and not (isinstance(force, str) and force):
+            raise PoisonMessage(f"force must be a replay token, got {force!r}")
         return cls(subject, event, pool, attempt,
-                   tuple(functions) if functions is not None else None, first)
+                   tuple(functions) if functions is not None else None, first, force=force)

@@ -81,7 +81,8 @@ def schedule(r: redis.Redis, message: TaskMessage, *, delay: float,
     record = {"id": retry_id, "task": message.subject, "event": message.event,
               "pool": message.pool, "functions": list(message.functions or ()),
               "attempt": message.attempt, "first_failed_at": message.first_failed_at,
-              "last_error": last_error, "scheduled_at": time.time(), "delay": delay}
+              "last_error": last_error, "scheduled_at": time.time(), "delay": delay,
+              "force": message.force}
     due = _SCHEDULE(r, keys=[keys.RETRIES_DUE, keys.RETRIES_RECORDS],
                     args=[retry_id, repr(float(delay)), json.dumps(record, default=str)])
     return retry_id, float(due)
@@ -89,7 +90,8 @@ def schedule(r: redis.Redis, message: TaskMessage, *, delay: float,
 
 def _message(record: dict[str, Any]) -> TaskMessage:
     return TaskMessage(record["task"], record["event"], record["pool"], int(record["attempt"]),
-                       tuple(record.get("functions") or ()), record.get("first_failed_at"))
+                       tuple(record.get("functions") or ()), record.get("first_failed_at"),
+                       force=record.get("force") or None)
 
 
 def claim(r: redis.Redis, limit: int = BATCH, lease: float = LEASE) -> list[Retry]:
