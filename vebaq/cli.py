@@ -91,9 +91,11 @@ def producer(config_path: str | None, metrics_port: int, log_level: str, simulat
 @click.option("--pool", "pools", multiple=True, required=True,
               help="Pool (queue) to consume; repeat for several.")
 @click.option("--concurrency", "-c", type=int, default=None,
-              help="Worker processes/threads (default: CPU count).")
+              help="Worker processes/threads (default: CPU count; an HTTP pool's sink "
+                   "concurrency).")
 @click.option("--pool-impl", "-P", type=click.Choice(["prefork", "threads", "solo"]),
-              default=None, help="Celery execution pool (default: prefork; threads for vrops).")
+              default=None, help="Celery execution pool (default: prefork; threads for vrops "
+                                 "and HTTP pools).")
 @click.option("--config", "config_path", envvar="VEBAQ_CONFIG", type=click.Path())
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
 def worker(pools: tuple[str, ...], concurrency: int | None, pool_impl: str | None,
@@ -104,7 +106,7 @@ def worker(pools: tuple[str, ...], concurrency: int | None, pool_impl: str | Non
     from workers.pools import POOLS
     from workers.settings import settings
 
-    settings()  # once per process: the worker app below uses the same
+    sinks = settings().sinks  # once per process: the worker app below uses the same
 
     unknown = [p for p in pools if p not in POOLS]
     if unknown:
@@ -113,9 +115,13 @@ def worker(pools: tuple[str, ...], concurrency: int | None, pool_impl: str | Non
 
     argv = ["worker", "-Q", ",".join(pools), "-n", f"{'+'.join(pools)}@%h",
             "--loglevel", "INFO", "-E"]
+    # HTTP pools and vrops wait on the network: threads, as many as the sinks allow at once.
+    http_only = all(p in sinks for p in pools)
+    if not concurrency and http_only:
+        concurrency = max(sinks[p].concurrency for p in pools)
     if concurrency:
         argv += ["-c", str(concurrency)]
-    if pool_impl or pools == ("vrops",):
+    if pool_impl or pools == ("vrops",) or http_only:
         argv += ["-P", pool_impl or "threads"]
     app.worker_main([*argv, *celery_args])
 
@@ -199,10 +205,11 @@ class DeadLetterStore:
 
     @property
     def pools(self) -> set[str]:
-        """The pools the configured function modules register."""
+        """The pools the configured function modules and sinks register."""
         from workers.pools import load_functions
+        from workers.sinks import register_sinks
 
-        return load_functions(self.settings.functions)
+        return load_functions(self.settings.functions) | register_sinks(self.settings)
 
     def broker(self) -> str:
         """The broker URL without its password, for error messages."""
