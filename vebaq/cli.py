@@ -1,4 +1,4 @@
-"""The ``vebaq`` command: ``producer``, ``worker``, ``dev`` and friends.
+"""The ``vebaq`` command: ``producer``, ``ingress``, ``worker``, ``dev`` and friends.
 
 Every :class:`~vebaq.core.errors.VebaqError` ends the command with one line on stderr and the
 error's exit status; no traceback, no secret.
@@ -85,6 +85,51 @@ def producer(config_path: str | None, metrics_port: int, log_level: str, simulat
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     service.run()
+
+
+@cli.command()
+@click.option("--config", "config_path", envvar="VEBAQ_CONFIG", type=click.Path(),
+              help="YAML configuration file (default: $VEBAQ_CONFIG).")
+@click.option("--bind", default=None, help="Address to listen on (default: ingress.bind, 0.0.0.0).")
+@click.option("--port", type=int, default=None,
+              help="Port (default: ingress.port or VEBAQ_INGRESS_PORT, 8081).")
+@click.option("--log-level", envvar="VEBAQ_LOG_LEVEL", default="INFO", show_default=True)
+def ingress(config_path: str | None, bind: str | None, port: int | None, log_level: str) -> None:
+    """Accept CloudEvents over HTTP and enqueue them to the pools.
+
+    Binary, structured and batch mode, with a bearer token (VEBAQ_INGRESS_TOKEN) or basic
+    auth; routed by the same triggers as vCenter events. Answers 202 once Redis holds the tasks,
+    503 while Redis is unavailable."""
+    import threading
+
+    from vebaq.core import logs
+
+    settings = load_settings(config_path)
+    logs.setup(log_level, settings.secrets())
+    from producer.ingress import Ingress, serve
+
+    service = Ingress(settings)
+    if not service.healthy():
+        logger.warning("Redis at %s does not answer yet: requests get 503 until it does",
+                       redact_url(settings.broker_url))
+    server = serve(service, bind, port)
+    host, listening = server.server_address[:2]
+    logger.info("ingress listening on http://%s:%d%s (%s auth); enqueueing to %s", host,
+                listening, settings.ingress.path,
+                "bearer token" if settings.ingress.token else "basic", redact_url(
+                    settings.broker_url))
+    stopping = threading.Event()
+
+    def stop(signum: int, _frame: object) -> None:
+        logger.info("%s: answering the requests in progress, then stopping",
+                    signal.Signals(signum).name)
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    stopping.wait()
+    server.stop()
+    logger.info("ingress stopped")
 
 
 @cli.command(context_settings={"ignore_unknown_options": True})

@@ -32,6 +32,12 @@ def lease(scope: str) -> str:
     return f"{PREFIX}:lease:{scope}"
 
 
+def ingress_event_source(event_id: str) -> str:
+    """The ``source`` of the event ``vebaq ingress`` accepted with this id
+    (:mod:`producer.ingress`): a different source reusing the id is refused."""
+    return f"{PREFIX}:ingress:source:{event_id}"
+
+
 # --- workers: what already ran, and the vrops pool's per-host state
 
 def done(pool: str, function: str, event_id: str) -> str:
