@@ -5,10 +5,13 @@ CloudEvents receiver accepts.
 
 It records every request (:class:`Delivery`) and answers each event id from a script
 (:attr:`Receiver.plan`: the answers for its successive attempts), else :attr:`Receiver.default`.
+``GET /_stats`` gives its counts as JSON; ``python -m tests.cloudevent_receiver --port N`` runs
+one in its own process (the benchmark's sink).
 """
 
 from __future__ import annotations
 
+import json
 import ssl
 import threading
 import time
@@ -78,6 +81,9 @@ class Receiver:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:  # noqa: N802
+                self._answer(Answer(200, json.dumps(receiver.stats())))
 
             def do_POST(self) -> None:  # noqa: N802 - http.server's naming
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
@@ -156,6 +162,13 @@ class Receiver:
             if self.record:
                 self.deliveries.append(delivery)
 
+    def stats(self) -> dict[str, int]:
+        """Events answered 2xx (each once), all requests, and requests beyond an event's first."""
+        with self.lock:
+            attempts = sum(self.attempts.values())
+            return {"delivered": len(self.accepted), "requests": attempts,
+                    "repeated": attempts - len(self.attempts)}
+
     def of(self, event_id: str) -> list[Delivery]:
         with self.lock:
             return [d for d in self.deliveries if d.event_id == event_id]
@@ -173,3 +186,19 @@ class Receiver:
 
     def __exit__(self, *_: object) -> None:
         self.stop()
+
+
+def main() -> None:
+    """``python -m tests.cloudevent_receiver --port N``: serve until killed, answering 200."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=8080)
+    args = parser.parse_args()
+    receiver = Receiver(args.port, record=False).start()
+    print(f"receiver listening on {receiver.url}", flush=True)
+    receiver.thread.join()
+
+
+if __name__ == "__main__":
+    main()
