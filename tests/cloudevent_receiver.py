@@ -81,6 +81,7 @@ class Receiver:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # headers and body are two writes
 
             def do_GET(self) -> None:  # noqa: N802
                 self._answer(Answer(200, json.dumps(receiver.stats())))

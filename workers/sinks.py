@@ -202,8 +202,8 @@ class HttpSink:
             self._slots.release()
         status = response.status_code
         elapsed = (time.monotonic() - started) * 1000
-        if 200 <= status < 300:
-            logger.info("%s %s → %s: %d in %.0f ms", event.get_subject() or event.get_type(),
+        if 200 <= status < 300:  # Celery logs the task's success: this is for debugging
+            logger.debug("%s %s → %s: %d in %.0f ms", event.get_subject() or event.get_type(),
                         event.get_id(), self.url, status, elapsed)
             self._reply(event, response.headers, answer)
             return status
