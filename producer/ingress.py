@@ -162,6 +162,8 @@ def _binary(headers: Mapping[str, str], body: bytes) -> CloudEvent:
     if body and (content_type is None or _FORMAT.JSON_CONTENT_TYPE_PATTERN.match(content_type)):
         try:  # the SDK would quietly keep unparsable JSON as a string
             json.loads(body)
+        except RecursionError:
+            raise Refused(400, "binary mode: the JSON body is nested too deeply") from None
         except ValueError as exc:
             raise Refused(400, f"binary mode: the body is not the JSON its Content-Type "
                                f"({content_type or 'none: JSON assumed'}) says: {exc}") from None
@@ -180,6 +182,8 @@ def _structured(raw: Any, where: str) -> CloudEvent:
         event = from_structured(raw)
     except ValueError as exc:
         raise Refused(400, f"{where}{exc}") from None
+    except RecursionError:
+        raise Refused(400, f"{where}the JSON is nested too deeply") from None
     return _check(event, where)
 
 
@@ -194,6 +198,8 @@ def parse(headers: Mapping[str, str], body: bytes) -> tuple[str, list[CloudEvent
             items = json.loads(body)
         except ValueError as exc:
             raise Refused(400, f"batch: not JSON: {exc}") from None
+        except RecursionError:
+            raise Refused(400, "batch: the JSON is nested too deeply") from None
         if not isinstance(items, list):
             raise Refused(400, f"batch: expected a JSON array of events, got "
                                f"{type(items).__name__}")

@@ -26,11 +26,15 @@ from typing import Any
 import pytest
 import redis
 import requests
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
-from producer.ingress import BATCH, STRUCTURED, Ingress, IngressServer, serve
+from producer.ingress import BATCH, STRUCTURED, Ingress, IngressServer, Refused, parse, serve
 from tests.cloudevent_receiver import Receiver
 from tests.support import Proc, start_worker, vebaq_argv, wait_until
 from vebaq.core import config, keys
+from vebaq.core.envelope import from_structured, to_structured
 from vebaq.core.errors import ConfigError
 from vebaq.devtools.embedded import free_port
 
@@ -152,6 +156,10 @@ def test_no_credentials_no_ingress(redis_url: str) -> None:
 
 @pytest.mark.parametrize(("body", "content_type", "headers", "reason"), [
     (b"{not json", STRUCTURED, {}, "not JSON"),
+    (b"[" * 100_000 + b"]" * 100_000, STRUCTURED, {}, "nested too deeply"),
+    (b'{"specversion": "1.0", "id": "1", "source": "/s", "type": "t", "data": '
+     + b"[" * 100_000 + b"]" * 100_000 + b"}", STRUCTURED, {}, "nested too deeply"),
+    (b"[" * 100_000 + b"]" * 100_000, BATCH, {}, "nested too deeply"),
     ([1, 2], STRUCTURED, {}, "expected a JSON object, got list"),
     ({k: v for k, v in event().items() if k != "id"}, STRUCTURED, {},
      "missing required attribute(s): id"),
@@ -417,3 +425,51 @@ pools: {{fn: {{sink: {{url: "{receiver.url}/", concurrency: 8}}}}}}
               f"duplicates={duplicates} in {seconds:.1f}s ({len(sent) / seconds:.0f} events/s)")
         assert lost == 0 and duplicates == 0
         assert set(receiver.attempts) == sent
+
+
+# --- any request: events, or one refusal with a one-line reason
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12),
+                                                                      children, max_size=5),
+    max_leaves=12)
+attribute_names = st.sampled_from(["specversion", "id", "source", "type", "subject", "time",
+                                   "datacontenttype", "data", "data_base64", "dataschema",
+                                   "Bad-Ext", "ext1"])
+structured_events = st.dictionaries(attribute_names, json_values | st.just("1.0"), max_size=9)
+header_values = st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=30)
+
+
+@st.composite
+def requests_(draw: st.DrawFn) -> tuple[dict[str, str], bytes]:
+    kind = draw(st.sampled_from(["structured", "batch", "binary", "other"]))
+    if kind == "structured":
+        body = draw(st.one_of(structured_events.map(json.dumps), st.text(max_size=40)))
+        return {"content-type": STRUCTURED}, body.encode()
+    if kind == "batch":
+        body = draw(st.one_of(st.lists(structured_events, max_size=3).map(json.dumps),
+                              json_values.map(json.dumps)))
+        return {"content-type": BATCH}, body.encode()
+    headers = {f"ce-{name.lower()}": draw(header_values)
+               for name in draw(st.lists(attribute_names, max_size=7))}
+    if draw(st.booleans()):
+        headers["ce-specversion"] = "1.0"
+    headers["content-type"] = draw(st.sampled_from(["application/json", "text/plain",
+                                                    "application/octet-stream", "", "x/y"]))
+    return headers, draw(st.binary(max_size=40))
+
+
+@hypothesis_settings(max_examples=400, deadline=None)
+@given(request=requests_())
+def test_any_request_is_events_or_one_clear_refusal(request: tuple[dict[str, str], bytes]) -> None:
+    headers, body = request
+    try:
+        _, parsed = parse(headers, body)
+    except Refused as refused:
+        assert refused.status in (400, 415)
+        assert refused.reason and "\n" not in refused.reason and len(refused.reason) <= 300
+        return
+    for item in parsed:  # what the workers will parse again
+        assert item.get_specversion() == "1.0" and item.get_id() and item.get_source()
+        from_structured(to_structured(item))
