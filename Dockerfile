@@ -31,8 +31,8 @@ RUN groupadd --gid 10001 vebaq \
 USER 10001:10001
 WORKDIR /app
 
-# producer /metrics /stats /healthz, Flower, fake vROps
-EXPOSE 8080 5555 8090
+# producer /metrics /stats /healthz, the ingress, Flower, fake vROps
+EXPOSE 8080 8081 5555 8090
 
 # Exec form: the command is the main process (under `init: true`'s tini), so SIGTERM from
 # `docker compose stop` reaches Celery and starts its warm shutdown.

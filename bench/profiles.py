@@ -35,6 +35,8 @@ class Profile:
     :param vrops_events: maintenance events per vROps repeat.
     :param vrops_models: ``(pool implementation, concurrency)`` pairs of the vrops worker.
     :param archive_events: events archived and replayed per archive repeat.
+    :param http_events: events per run of the HTTP section (direct, ingress, ingress batches).
+    :param http_senders: threads posting at once in the HTTP section.
     """
 
     name: str
@@ -52,6 +54,8 @@ class Profile:
     idle_rate: float = 1.0
     load_rate: float = 50.0
     worker_concurrency: tuple[int, ...] = (1, 2)
+    http_events: int = 1000
+    http_senders: int = 8
     #: Hosts the vROps events are spread over (consecutive events of a host are this far apart
     #: in the queue, so parallel tasks never reorder one host's events).
     vrops_hosts: int = 16
@@ -61,12 +65,12 @@ FULL = Profile(
     name="full", repeats=3, backlog=100_000, worker_tasks=1500, raw_messages=20_000,
     latency_intervals=(0.5, 1.0), latency_without_backoff=(0.5,), idle_seconds=12.0,
     load_seconds=5.0, vrops_events=300,
-    vrops_models=(("prefork", 4), ("threads", 4), ("threads", 8)),
+    vrops_models=(("prefork", 4), ("threads", 4), ("threads", 8)), http_events=2000,
 )
 
 QUICK = Profile(
     name="quick", repeats=3, backlog=5_000, worker_tasks=250, raw_messages=5_000,
     latency_intervals=(0.5,), latency_without_backoff=(), idle_seconds=4.0, load_seconds=2.0,
     vrops_events=60,
-    vrops_models=(("prefork", 4), ("threads", 4)), archive_events=3_000,
+    vrops_models=(("prefork", 4), ("threads", 4)), archive_events=3_000, http_events=300,
 )

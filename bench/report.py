@@ -149,6 +149,27 @@ def rows(results: dict[str, Any]) -> list[Row]:
                 f"JSON {_num(_median(archive['json_bytes_per_event']))}",
                 _ratio(_median(archive["ratio_bytes_to_json"]))),
         ]
+    http = sections.get("http") or {}
+    if "events_per_s" in http:
+        rates = http["events_per_s"]
+        direct = f"straight to the receiver {_num(_median(rates['direct']))}"
+        out += [
+            Row("http", f"senders → ingress → Redis → HTTP pool ({http['workers']} workers) → "
+                "receiver (events/s)", _num(_median(rates["ingress"])), direct,
+                _ratio(_median(http["ratio_ingress_to_direct"]))),
+            Row("http", f"  the same, batches of {http['batch_size']} (events/s)",
+                _num(_median(rates["ingress_batch"])), direct,
+                _ratio(_median(http["ratio_ingress_batch_to_direct"]))),
+            Row("http", "  ingress answered 202 (events/s)", _num(_median(rates["ingress_accept"])),
+                direct, _ratio(_median(http["ratio_ingress_accept_to_direct"]))),
+            Row("http", "  HTTP pool alone, tasks preloaded (events/s)",
+                _num(_median(rates["pool"])), direct,
+                _ratio(_median(http["ratio_pool_to_direct"]))),
+            Row("http", "  lost / duplicates (all runs)",
+                f"{sum(c['lost'] for c in http['checks'])} / "
+                f"{sum(c['duplicates'] for c in http['checks'])}",
+                f"{sum(c['sent'] for c in http['checks']):,} events sent", "", "0 / 0"),
+        ]
     if push is not None:
         out += [Row("raw", f"LPUSH, pipelines of 500, {raw['message_bytes']:,} B msgs (msg/s)",
                     _num(push)),
@@ -221,6 +242,11 @@ What each figure is (details in the docstrings of `bench/*.py`):
   events posted at 1/s (idle) and 50/s (load).
 - **vrops**: the vrops pool against the fake vROps answering each call after 50 ms; after a
   warm-up (tokens, resource ids cached). Ideal = concurrency / 50 ms.
+- **http**: 8 sender threads (kept-alive sessions) post the simulated event mix in binary
+  mode, one event per request, to `vebaq ingress`; 3 workers of an HTTP pool (`-P threads
+  -c 8`) POST them to a CloudEvents receiver (the SDK on `http.server`, its own process); timed
+  until the receiver has them all; also in batches of 50, and the pool alone (tasks published
+  straight to its queue). Baseline: the same senders posting straight to the receiver.
 - **raw**: the same task messages pushed with redis-py pipelines and popped one `BRPOP` each.
 - **archive**: the producer's per-batch step (publish, archive, checkpoint) with and without the
   archive; `vebaq replay`'s loop re-enqueueing every archived event against publishing the same

@@ -43,7 +43,7 @@ ENV_EXAMPLE = ROOT / ".env.example"
 SOURCE_DIRS = ("vebaq", "producer", "workers")
 
 #: The services the issue asks for, and which of them form the demo profile.
-SERVICES = {"redis", "producer", "worker-echo", "worker-vrops", "flower"}
+SERVICES = {"redis", "producer", "ingress", "worker-echo", "worker-vrops", "flower"}
 DEMO_SERVICES = {"vcsim", "fake-vrops", "demo-driver"}
 WORKERS = ("worker-echo", "worker-vrops")
 
@@ -102,8 +102,8 @@ def test_services_and_profiles() -> None:
 
 def test_one_image_for_every_python_service() -> None:
     ours = our_services()
-    assert set(ours) == {"producer", "worker-echo", "worker-vrops", "flower", "fake-vrops",
-                         "demo-driver"}
+    assert set(ours) == {"producer", "ingress", "worker-echo", "worker-vrops", "flower",
+                         "fake-vrops", "demo-driver"}
     assert len({s["image"] for s in ours.values()}) == 1
     for name, service in ours.items():
         assert service["build"] in (".", {"context": "."}), name
@@ -131,7 +131,8 @@ def test_healthchecks_really_check() -> None:
     assert "REDISCLI_AUTH" in redis_check and "grep -q PONG" in redis_check, \
         "redis-cli ping exits 0 on NOAUTH: check for PONG"
     assert "-a " not in redis_check, "a password on the command line shows in ps"
-    for name, port, path in (("producer", 8080, "/healthz"), ("flower", 5555, "/healthcheck"),
+    for name, port, path in (("producer", 8080, "/healthz"), ("ingress", 8081, "/healthz"),
+                             ("flower", 5555, "/healthcheck"),
                              ("fake-vrops", 8090, "/_fake/state")):
         test = defined[name]["healthcheck"]["test"]
         assert test[:3] == ["CMD", "python", "-c"], f"{name}: slim images have no curl"
@@ -174,7 +175,7 @@ def test_worker_node_names_match_the_healthchecks(monkeypatch: pytest.MonkeyPatc
 
 def test_startup_order_and_redis_settings() -> None:
     defined = services()
-    for name in ("producer", "flower", *WORKERS):
+    for name in ("producer", "ingress", "flower", *WORKERS):
         assert defined[name]["depends_on"]["redis"]["condition"] == "service_healthy", name
     driver = defined["demo-driver"]["depends_on"]
     assert driver["fake-vrops"]["condition"] == "service_healthy"
@@ -192,6 +193,23 @@ def test_startup_order_and_redis_settings() -> None:
     assert "--persistent=True" in flower_cmd and "--db=/data/flower.db" in flower_cmd
     assert "FLOWER_BASIC_AUTH" in defined["flower"]["environment"]
     assert any(p.endswith(":5555") for p in map(interpolate, defined["flower"]["ports"]))
+
+
+def test_ingress_port_token_and_bind() -> None:
+    """The port it listens on is the one published and probed; the token comes from the
+    environment (a command line shows in ps), and the host side is loopback unless told."""
+    ingress = services()["ingress"]
+    cmd = command(ingress)
+    port = cmd[cmd.index("--port") + 1]
+    (published,) = map(interpolate, ingress["ports"])
+    assert published == f"127.0.0.1:8081:{port}"
+    assert f"127.0.0.1:{port}/healthz" in ingress["healthcheck"]["test"][3]
+    assert "VEBAQ_INGRESS_TOKEN" in ingress["environment"]
+    assert not any("TOKEN" in part for part in cmd)
+    from vebaq.core.config import load
+
+    env = {k: interpolate(str(v)) for k, v in ingress["environment"].items()}
+    assert load(environ=env).ingress.token.reveal() == "vebaq-demo"
 
 
 def test_demo_points_at_the_simulator_and_the_driver_never_at_vcenter() -> None:
@@ -293,7 +311,7 @@ def test_env_example_documents_every_variable() -> None:
     assert used - documented == set(), "document these in .env.example"
     assert documented - used == set(), ".env.example names variables compose.yaml ignores"
     for line in text.splitlines():
-        match = re.match(r"^[A-Z_]*PASSWORD=(.*)$", line)
+        match = re.match(r"^[A-Z_]*(?:PASSWORD|TOKEN)=(.*)$", line)
         if match:
             assert match.group(1).startswith("change-me"), "no real secrets in .env.example"
     assert re.search(r"^\.env$", (ROOT / ".gitignore").read_text(), re.M)
@@ -429,7 +447,7 @@ PROJECT_PREFIX = "vebaq-e2e-"
 #: Services `docker compose stop` stops in the restart step: vebaq itself. vcsim and fake-vrops
 #: stand for vCenter and vROps, which do not restart with vebaq (and keep no state across a
 #: restart), and the driver keeps making events while vebaq is down.
-VEBAQ_SERVICES = ("redis", "producer", "worker-echo", "worker-vrops", "flower")
+VEBAQ_SERVICES = ("redis", "producer", "ingress", "worker-echo", "worker-vrops", "flower")
 
 
 def docker_engine() -> str | None:
@@ -458,12 +476,14 @@ class Stack:
     def __init__(self, tmp: Path, deadline: float) -> None:
         self.deadline = deadline
         self.ports = {"FLOWER_PORT": free_port(), "FAKE_VROPS_PORT": free_port(),
-                      "VCSIM_PORT": free_port()}
+                      "VCSIM_PORT": free_port(), "INGRESS_PORT": free_port()}
         self.flower_auth = ("e2e-admin", "e2e-flower-pw")
+        self.ingress_token = "e2e-ingress-token"
         settings = {**{k: str(v) for k, v in self.ports.items()},
                     "VEBAQ_IMAGE": "vebaq:e2e", "DEMO_INTERVAL": "1",
                     "REDIS_PASSWORD": "e2e-redis-pw", "FLOWER_USER": self.flower_auth[0],
-                    "FLOWER_PASSWORD": self.flower_auth[1], "VCENTER_POLL_INTERVAL": "0.5s"}
+                    "FLOWER_PASSWORD": self.flower_auth[1], "VCENTER_POLL_INTERVAL": "0.5s",
+                    "INGRESS_TOKEN": self.ingress_token}
         # A developer's .env (say, a real vCenter) must not leak in: our own env file, and
         # none of compose.yaml's variables from this process's environment.
         env_file = tmp / "e2e.env"
@@ -648,8 +668,8 @@ def test_compose_demo_stack_end_to_end(stack: Stack) -> None:
 
     # 1. Up, and healthy.
     stack.run("up", "-d", timeout=240)
-    stack.wait(lambda: stack.healthy(("redis", "producer", "flower", "fake-vrops")), 120,
-               "redis, producer, flower and fake-vrops to be healthy")
+    stack.wait(lambda: stack.healthy(("redis", "producer", "ingress", "flower", "fake-vrops")),
+               120, "redis, producer, ingress, flower and fake-vrops to be healthy")
     print(f"[e2e] stack up and healthy after {time.monotonic() - t0:.0f}s")
 
     # 2a. Events from the simulator, printed by worker-echo: attributes and data.
@@ -764,5 +784,33 @@ def test_compose_demo_stack_end_to_end(stack: Stack) -> None:
     stack.wait(lambda: stack.healthy(("flower",)), 60, "flower healthy again")
     assert a_task in stack.http("FLOWER_PORT", "/api/tasks?taskname=EnteredMaintenanceModeEvent",
                                 auth=stack.flower_auth), "Flower lost its tasks on restart"
+
+    # 6. A CloudEvent from another source, POSTed to the ingress, is echoed too.
+    sent = {"specversion": "1.0", "id": f"e2e-ingress-{os.getpid()}", "source": "/e2e/webhook",
+            "type": "com.example.e2e.ping", "subject": "E2eWebhookEvent",
+            "datacontenttype": "application/json", "data": {"hello": "from the ingress"}}
+    stack.wait(lambda: stack.healthy(("ingress",)), 60, "the ingress healthy again")
+    url = f"http://127.0.0.1:{stack.ports['INGRESS_PORT']}/"
+
+    def ingress_post(token: str) -> int:
+        request = urllib.request.Request(url, data=json.dumps(sent).encode(), method="POST",
+                                         headers={"Content-Type": "application/cloudevents+json",
+                                                  "Authorization": f"Bearer {token}"})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as answer:
+                return answer.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    assert ingress_post("wrong") == 401
+    assert stack.wait(lambda: ingress_post(stack.ingress_token) == 202 or None, 30,
+                      "the ingress to accept an event")
+
+    def ingress_echoed() -> bool:
+        return any(("E2eWebhookEvent", sent["id"]) in ids
+                   for ids in echoed_by_container(stack).values())
+
+    stack.wait(ingress_echoed, 60, "worker-echo to print the event POSTed to the ingress")
+    print("[e2e] an event POSTed to the ingress was echoed by worker-echo")
 
     print(f"[e2e] done in {time.monotonic() - t0:.0f}s (teardown follows)")

@@ -177,3 +177,107 @@ def test_secret_hides_itself_everywhere() -> None:
     assert redact_url("redis://redis:6379/0") == "redis://redis:6379/0"
     assert scrub("login hunter2 to https://u:hunter2@x/", ("hunter2",)) == \
         "login *** to https://u:***@x/"
+
+
+# --- HTTP pools (pools.<pool>.sink) and the ingress
+
+def test_sink_and_ingress_settings(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+pools:
+  tickets:
+    retry: 3
+    sink:
+      url: https://fn.example/tickets
+      mode: structured
+      timeout: 2s
+      concurrency: 4
+      caBundle: /etc/ssl/fn-ca.pem
+      headers: {X-Tenant: lab, X-Api-Key: {env: FN_KEY}}
+      token: {env: FN_TOKEN}
+      reply: enqueue
+  knative: {sink: "http://kn-ps-echo.vmware-functions.svc/"}
+  basic: {sink: {url: "https://fn.example/", encoding: binary, username: u, password: pw-basic}}
+ingress: {port: 9000, path: /events, token: {env: IN_TOKEN}, maxRequestBytes: 256KiB}
+""")
+    env = {"FN_KEY": "key-from-env", "FN_TOKEN": "token-from-env", "IN_TOKEN": "ingress-tok"}
+    settings = config.load(path, environ=env, known_pools=POOLS | {"knative", "basic"})
+    tickets = settings.sinks["tickets"]
+    assert (tickets.url, tickets.mode, tickets.timeout, tickets.concurrency, tickets.reply) == \
+        ("https://fn.example/tickets", "structured", 2.0, 4, "enqueue")
+    assert tickets.token.reveal() == "token-from-env" and tickets.ca_bundle == "/etc/ssl/fn-ca.pem"
+    headers = dict(tickets.headers)
+    assert headers["X-Tenant"] == "lab" and headers["X-Api-Key"] == Secret("key-from-env")
+    assert settings.retry_policy("tickets").max_retries == 3
+    knative = settings.sinks["knative"]
+    assert (knative.mode, knative.timeout, knative.reply, knative.insecure_ssl) == \
+        ("binary", 10.0, "ignore", False)  # Knative's default mode; TLS verified
+    assert settings.sinks["basic"].password.reveal() == "pw-basic"
+    assert settings.ingress.port == 9000 and settings.ingress.path == "/events"
+    assert settings.ingress.max_request_bytes == 256 * 1024
+    secrets = set(settings.secrets())
+    assert {"key-from-env", "token-from-env", "ingress-tok", "pw-basic"} <= secrets
+    assert "lab" not in secrets  # a literal header value is not a secret
+    shown = repr(settings) + repr(settings.sinks) + repr(settings.ingress)
+    assert not any(secret in shown for secret in secrets)
+
+
+def test_ingress_credentials_from_the_environment() -> None:
+    settings = config.load(environ={"VEBAQ_INGRESS_TOKEN": "t0ken", "VEBAQ_INGRESS_PORT": "8099"})
+    assert settings.ingress.token == Secret("t0ken") and settings.ingress.port == 8099
+    assert "t0ken" in settings.secrets()
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("pools: {t: {sink: {mode: binary}}}", "pools.t.sink.url: missing"),
+    ("pools: {t: {sink: {url: ftp://x/}}}", "pools.t.sink.url: expected an http:// or https://"),
+    ("pools: {t: {sink: {url: 'https://u:pw@x:bad/'}}}", "pools.t.sink.url: malformed URL"),
+    ("pools: {t: {sink: {url: https://x/, mode: xml}}}", "pools.t.sink.mode: expected one of"),
+    ("pools: {t: {sink: {url: https://x/, timeot: 1s}}}", "pools.t.sink.timeot: unknown key"),
+    ("pools: {t: {sink: {url: https://x/, timeout: 0}}}", "pools.t.sink.timeout: must be > 0"),
+    ("pools: {t: {sink: {url: https://x/, concurrency: 0}}}", "pools.t.sink.concurrency: must be"),
+    ("pools: {t: {sink: {url: https://x/, token: {env: NOT_SET}}}}",
+     "pools.t.sink.token.env: environment variable NOT_SET is not set"),
+    ("pools: {t: {sink: {url: https://x/, token: {file: /x}}}}",
+     "pools.t.sink.token: expected a string or {env: VARIABLE_NAME}"),
+    ("pools: {t: {sink: {url: https://x/, token: a, username: u, password: p}}}",
+     "pools.t.sink: token and username/password both set"),
+    ("pools: {t: {sink: {url: https://x/, username: u}}}", "basic auth needs both"),
+    ("pools: {t: {sink: {url: https://x/, headers: {Authorization: x}}}}",
+     "pools.t.sink.headers.Authorization: set by vebaq itself"),
+    ("pools: {t: {sink: {url: https://x/, headers: {ce-id: x}}}}", "set by vebaq itself"),
+    ("pools: {t: {sink: {url: https://x/, headers: {'bad header': x}}}}",
+     "not a valid HTTP header name"),
+    ("pools: {t: {sink: {url: https://x/, headers: {X-A: \"a\\r\\nInjected: 1\"}}}}",
+     "pools.t.sink.headers.X-A: a header value cannot contain a line break"),
+    ("pools: {t: {sinc: {url: https://x/}}}", "pools.t.sinc: unknown key"),
+    ("ingress: {port: 70000}", "ingress.port: must be between 1 and 65535"),
+    ("ingress: {path: events}", "ingress.path: must start with '/'"),
+    ("ingress: {maxRequestBytes: lots}", "ingress.maxRequestBytes: expected a size"),
+    ("ingress: {maxRequestBytes: 10}", "ingress.maxRequestBytes: must be at least 1KiB"),
+    ("ingress: {token: a, username: u, password: p}", "ingress: token and username/password"),
+    ("ingress: {tokn: a}", "ingress.tokn: unknown key"),
+])
+def test_bad_sink_or_ingress_is_one_clear_error(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        config.load(path, environ={}, known_pools=POOLS | {"t"})
+    assert message in str(caught.value)
+    assert "\n" not in str(caught.value) and "pw@" not in str(caught.value)
+
+
+def test_a_sink_pool_is_a_known_pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker settings register a function per sink, so triggers may name the pool."""
+    from workers.pools import POOLS as REGISTRY
+    from workers.settings import load_settings
+
+    path = write(tmp_path, """
+triggers: [{pool: fn, filters: [{prefix: {subject: Vm}}]}]
+pools: {fn: {sink: https://fn.example/, retry: 2}}
+""")
+    monkeypatch.delenv("VEBAQ_FUNCTIONS", raising=False)
+    try:
+        settings = load_settings(str(path))
+        assert [f.name for f in REGISTRY["fn"]] == ["sink"]
+        assert route(settings.triggers, {"subject": "VmPoweredOffEvent"}) == ["fn"]
+    finally:
+        REGISTRY.pop("fn", None)

@@ -1,4 +1,4 @@
-"""The ``vebaq`` command: ``producer``, ``worker``, ``dev`` and friends.
+"""The ``vebaq`` command: ``producer``, ``ingress``, ``worker``, ``dev`` and friends.
 
 Every :class:`~vebaq.core.errors.VebaqError` ends the command with one line on stderr and the
 error's exit status; no traceback, no secret.
@@ -91,13 +91,60 @@ def producer(config_path: str | None, metrics_port: int, log_level: str, simulat
     service.run()
 
 
+@cli.command()
+@click.option("--config", "config_path", envvar="VEBAQ_CONFIG", type=click.Path(),
+              help="YAML configuration file (default: $VEBAQ_CONFIG).")
+@click.option("--bind", default=None, help="Address to listen on (default: ingress.bind, 0.0.0.0).")
+@click.option("--port", type=int, default=None,
+              help="Port (default: ingress.port or VEBAQ_INGRESS_PORT, 8081).")
+@click.option("--log-level", envvar="VEBAQ_LOG_LEVEL", default="INFO", show_default=True)
+def ingress(config_path: str | None, bind: str | None, port: int | None, log_level: str) -> None:
+    """Accept CloudEvents over HTTP and enqueue them to the pools.
+
+    Binary, structured and batch mode, with a bearer token (VEBAQ_INGRESS_TOKEN) or basic
+    auth; routed by the same triggers as vCenter events. Answers 202 once Redis holds the tasks,
+    503 while Redis is unavailable."""
+    import threading
+
+    from vebaq.core import logs
+
+    settings = load_settings(config_path)
+    logs.setup(log_level, settings.secrets())
+    from producer.ingress import Ingress, serve
+
+    service = Ingress(settings)
+    if not service.healthy():
+        logger.warning("Redis at %s does not answer yet: requests get 503 until it does",
+                       redact_url(settings.broker_url))
+    server = serve(service, bind, port)
+    host, listening = server.server_address[:2]
+    logger.info("ingress listening on http://%s:%d%s (%s auth); enqueueing to %s", host,
+                listening, settings.ingress.path,
+                "bearer token" if settings.ingress.token else "basic", redact_url(
+                    settings.broker_url))
+    stopping = threading.Event()
+
+    def stop(signum: int, _frame: object) -> None:
+        logger.info("%s: answering the requests in progress, then stopping",
+                    signal.Signals(signum).name)
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    stopping.wait()
+    server.stop()
+    logger.info("ingress stopped")
+
+
 @cli.command(context_settings={"ignore_unknown_options": True})
 @click.option("--pool", "pools", multiple=True, required=True,
               help="Pool (queue) to consume; repeat for several.")
 @click.option("--concurrency", "-c", type=int, default=None,
-              help="Worker processes/threads (default: CPU count).")
+              help="Worker processes/threads (default: CPU count; an HTTP pool's sink "
+                   "concurrency).")
 @click.option("--pool-impl", "-P", type=click.Choice(["prefork", "threads", "solo"]),
-              default=None, help="Celery execution pool (default: prefork; threads for vrops).")
+              default=None, help="Celery execution pool (default: prefork; threads for vrops "
+                                 "and HTTP pools).")
 @click.option("--config", "config_path", envvar="VEBAQ_CONFIG", type=click.Path())
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
 def worker(pools: tuple[str, ...], concurrency: int | None, pool_impl: str | None,
@@ -108,7 +155,7 @@ def worker(pools: tuple[str, ...], concurrency: int | None, pool_impl: str | Non
     from workers.pools import POOLS
     from workers.settings import settings
 
-    settings()  # once per process: the worker app below uses the same
+    sinks = settings().sinks  # once per process: the worker app below uses the same
 
     unknown = [p for p in pools if p not in POOLS]
     if unknown:
@@ -117,9 +164,13 @@ def worker(pools: tuple[str, ...], concurrency: int | None, pool_impl: str | Non
 
     argv = ["worker", "-Q", ",".join(pools), "-n", f"{'+'.join(pools)}@%h",
             "--loglevel", "INFO", "-E"]
+    # HTTP pools and vrops wait on the network: threads, as many as the sinks allow at once.
+    http_only = all(p in sinks for p in pools)
+    if not concurrency and http_only:
+        concurrency = max(sinks[p].concurrency for p in pools)
     if concurrency:
         argv += ["-c", str(concurrency)]
-    if pool_impl or pools == ("vrops",):
+    if pool_impl or pools == ("vrops",) or http_only:
         argv += ["-P", pool_impl or "threads"]
     app.worker_main([*argv, *celery_args])
 
@@ -214,10 +265,11 @@ class BrokerStore:
 
     @property
     def pools(self) -> set[str]:
-        """The pools the configured function modules register."""
+        """The pools the configured function modules and sinks register."""
         from workers.pools import load_functions
+        from workers.sinks import register_sinks
 
-        return load_functions(self.settings.functions)
+        return load_functions(self.settings.functions) | register_sinks(self.settings)
 
     @property
     def handlers(self) -> dict[str, list[ReplayHandler]]:

@@ -12,6 +12,9 @@ plain callable taking a :class:`~cloudevents.core.v1.event.CloudEvent`; register
 and name its module in the config's ``functions:`` list (or ``VEBAQ_FUNCTIONS``); route events to
 the pool with a trigger. Raise :class:`~workers.errors.PermanentError` for failures a retry cannot
 fix; any other exception is retried with back-off, then dead-lettered.
+
+A pool can also be an *HTTP pool*, with no Python at all: ``pools.<pool>.sink`` in the config
+registers a function that POSTs each event to a CloudEvents receiver (:mod:`workers.sinks`).
 """
 
 from __future__ import annotations

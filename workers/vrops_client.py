@@ -6,7 +6,8 @@ vCenter host, so the steady state is one HTTP call per event.
 
 Failures become one of two exceptions:
 
-* :class:`VropsUnavailable` — connection errors, timeouts, 408, 429 and 5xx: retry later
+* :class:`VropsUnavailable` — connection errors, timeouts, 408, 429 and 5xx
+  (:func:`workers.http_failures.retryable`): retry later
   (``retry_after`` carries the server's ``Retry-After``);
 * :class:`VropsRejected` — other 4xx, refused credentials, TLS verification failures, and a
   host that cannot be identified: a :class:`~workers.errors.PermanentError`, dead-lettered at once.
@@ -20,7 +21,6 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import quote
 
@@ -29,6 +29,13 @@ import requests
 from vebaq.core.config import VropsSettings
 from vebaq.core.errors import PermanentError
 from vebaq.core.secrets import redact_url, scrub
+from workers.http_failures import (
+    MAX_ERROR_BODY,
+    HttpFailure,
+    parse_retry_after,
+    retryable,
+    short_body,
+)
 
 logger = logging.getLogger("vebaq.vrops")
 
@@ -38,52 +45,17 @@ API = "/suite-api/api"
 #: Re-acquire a token this many seconds before its validity ends (at most a tenth of its life).
 TOKEN_EXPIRY_MARGIN = 60.0
 
-#: Statuses worth retrying (besides every 5xx).
-RETRYABLE_STATUSES = frozenset({408, 429})
-
-#: Longest error body kept in exceptions and dead letters, in characters.
-MAX_ERROR_BODY = 200
-
 #: Identifier types of a vROps ``HostSystem`` resource (adapter ``VMWARE``).
 OBJECT_ID = "VMEntityObjectID"
 VCENTER_ID = "VMEntityVCID"
 
 
-class _HttpFailure(Exception):
-    """Common part of the two failures: where, what status, what body."""
-
-    def __init__(self, message: str, *, url: str, status: int | None = None,
-                 body: str = "") -> None:
-        super().__init__(message)
-        self.url = url
-        self.status = status
-        self.body = body
-
-    def knative_error_attributes(self) -> dict[str, str]:
-        """The CloudEvent extensions a Knative dead-letter sink would add; like Knative, the
-        code and data are left out when there was no answer. ``knativeerrordata`` is the short
-        body as text (Knative base64-encodes it)."""
-        attributes = {"knativeerrordest": self.url}
-        if self.status is not None:
-            attributes["knativeerrorcode"] = str(self.status)
-        if self.body:
-            attributes["knativeerrordata"] = self.body
-        return attributes
+class VropsUnavailable(HttpFailure):
+    """vROps did not answer usefully now (network, timeout, 408/429/5xx); a retry may work
+    (``retry_after`` carries the server's ``Retry-After``)."""
 
 
-class VropsUnavailable(_HttpFailure):
-    """vROps did not answer usefully now (network, timeout, 408/429/5xx); a retry may work.
-
-    :param retry_after: seconds the server asked us to wait, if it said (``Retry-After``).
-    """
-
-    def __init__(self, message: str, *, url: str, status: int | None = None, body: str = "",
-                 retry_after: float | None = None) -> None:
-        super().__init__(message, url=url, status=status, body=body)
-        self.retry_after = retry_after
-
-
-class VropsRejected(_HttpFailure, PermanentError):
+class VropsRejected(HttpFailure, PermanentError):
     """vROps refused the request (400/403/404 …) or the host cannot be identified; retrying
     cannot help."""
 
@@ -96,27 +68,6 @@ class _Token:
 
     def __repr__(self) -> str:
         return f"_Token(renew_at={self.renew_at})"
-
-
-def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds from a ``Retry-After`` header (delta seconds or an HTTP date); ``None`` if absent
-    or unreadable."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
-
-
-def short_body(text: str, secrets: tuple[str, ...] = ()) -> str:
-    """An error body on one line, secrets masked, at most :data:`MAX_ERROR_BODY` characters."""
-    text = scrub(" ".join(text.split()), secrets)
-    return text if len(text) <= MAX_ERROR_BODY else text[:MAX_ERROR_BODY - 1] + "…"
 
 
 def identifiers(resource: dict[str, Any]) -> dict[str, str]:
@@ -215,8 +166,10 @@ class VropsClient:
         shown = redact_url(url)
         headers = {"Authorization": f"vRealizeOpsToken {token}"} if token else None
         try:
+            # verify given per request: requests lets $REQUESTS_CA_BUNDLE override a session's.
             response = self.session.request(method, url, json=json, params=params,
-                                            headers=headers, timeout=self.settings.timeout)
+                                            headers=headers, timeout=self.settings.timeout,
+                                            verify=self.session.verify)
         except requests.exceptions.SSLError as exc:
             raise VropsRejected(
                 f"vROps {method} {shown}: TLS verification failed (set VROPS_CA_BUNDLE, or "
@@ -233,7 +186,7 @@ class VropsClient:
             return response
         body = short_body(response.text, self._secrets())
         message = f"vROps {method} {shown}: {status} {response.reason}: {body}"
-        if status >= 500 or status in RETRYABLE_STATUSES:
+        if retryable(status):
             retry_after = parse_retry_after(response.headers.get("Retry-After"))
             raise VropsUnavailable(message, url=shown, status=status, body=body,
                                    retry_after=retry_after)

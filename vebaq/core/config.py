@@ -29,10 +29,18 @@ The file is modelled on the VEBA router config; every key is optional::
     triggers: [...]                 # see vebaq.core.routing
     pools:
       vrops: {retry: 8, backoffPolicy: exponential, backoffDelay: PT2S, maxDelay: 10m}
+      tickets:                      # an HTTP pool: POSTs each event to a CloudEvents sink
+        sink: {url: https://fn.example/, mode: binary, timeout: 10s, token: {env: FN_TOKEN}}
+    ingress:                        # vebaq ingress: CloudEvents in over HTTP
+      port: 8081
+      token: {env: INGRESS_TOKEN}   # or VEBAQ_INGRESS_TOKEN; or username/password (basic)
     vrops:
       url: https://vrops.example.com
       username: admin
       authSource: local
+
+A secret (a password, a token, a header value) may be given as ``{env: NAME}``: it is then read
+from the environment variable ``NAME`` when the settings load.
 
 Unknown keys and wrong types are refused with a :class:`~vebaq.core.errors.ConfigError` naming the
 key, e.g. ``vebaq.yaml: vcenter.pollIntervall: unknown key``.
@@ -126,6 +134,71 @@ class VropsSettings:
     timeout: float = 10.0
 
 
+#: How a sink receives events: ``binary`` (``ce-*`` headers, the data as the body; Knative's
+#: default) or ``structured`` (the whole event as ``application/cloudevents+json``).
+SINK_MODES = ("binary", "structured")
+
+#: What an HTTP pool does with a CloudEvent its sink answers with (Knative's reply): ``ignore``
+#: it (logged), or ``enqueue`` it through the triggers like any other event.
+SINK_REPLIES = ("ignore", "enqueue")
+
+
+@dataclass(frozen=True)
+class SinkSettings:
+    """An HTTP pool's subscriber: where and how its events are POSTed (``pools.<pool>.sink``).
+
+    :param headers: extra request headers; values read from the environment are
+        :class:`~vebaq.core.secrets.Secret` and never logged.
+    :param token: sent as ``Authorization: Bearer <token>``.
+    :param username: with :attr:`password`, sent as HTTP basic auth instead.
+    """
+
+    url: str
+    mode: str = "binary"
+    #: Seconds to connect, and to wait for each read of the answer.
+    timeout: float = 10.0
+    #: Requests in flight at once per worker process.
+    concurrency: int = 8
+    ca_bundle: str | None = None
+    insecure_ssl: bool = False
+    headers: tuple[tuple[str, str | Secret], ...] = ()
+    token: Secret = Secret("")
+    username: str | None = None
+    password: Secret = Secret("")
+    reply: str = "ignore"
+
+    def secrets(self) -> tuple[str, ...]:
+        values = [self.token.reveal(), self.password.reveal()]
+        values += [v.reveal() for _, v in self.headers if isinstance(v, Secret)]
+        return tuple(v for v in values if v)
+
+    def __repr__(self) -> str:
+        return f"SinkSettings(url={redact_url(self.url)!r}, mode={self.mode!r})"
+
+
+#: Largest request ``vebaq ingress`` reads, in bytes (``ingress.maxRequestBytes``).
+DEFAULT_INGRESS_MAX_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class IngressSettings:
+    """``vebaq ingress``: where it listens and whom it lets in (``ingress``)."""
+
+    bind: str = "0.0.0.0"
+    port: int = 8081
+    #: The path events are POSTed to.
+    path: str = "/"
+    #: ``Authorization: Bearer <token>``, or basic auth with :attr:`username` and
+    #: :attr:`password`; without either the ingress refuses to start.
+    token: Secret = Secret("")
+    username: str | None = None
+    password: Secret = Secret("")
+    max_request_bytes: int = DEFAULT_INGRESS_MAX_BYTES
+
+    def secrets(self) -> tuple[str, ...]:
+        return tuple(v for v in (self.token.reveal(), self.password.reveal()) if v)
+
+
 @dataclass(frozen=True)
 class ArchiveSettings:
     """Bounds of the event archive (:mod:`vebaq.core.archive`), each per vCenter: the oldest
@@ -159,6 +232,9 @@ class Settings:
     cloudevent_type: str = "router"
     triggers: tuple[Trigger, ...] = DEFAULT_TRIGGERS
     retry: Mapping[str, RetryPolicy] = field(default_factory=dict)
+    #: The HTTP pools: pool name → its sink (``pools.<pool>.sink``).
+    sinks: Mapping[str, SinkSettings] = field(default_factory=dict)
+    ingress: IngressSettings = field(default_factory=IngressSettings)
     #: Extra modules that register functions (imported by producer and workers alike).
     functions: tuple[str, ...] = ()
     #: Where the settings came from (the file's path, or ``config``), for error messages.
@@ -171,7 +247,10 @@ class Settings:
 
     def secrets(self) -> tuple[str, ...]:
         """Every secret value, for scrubbing free text."""
-        values = [self.vcenter.password.reveal(), self.vrops.password.reveal()]
+        values = [self.vcenter.password.reveal(), self.vrops.password.reveal(),
+                  *self.ingress.secrets()]
+        for sink in self.sinks.values():
+            values.extend(sink.secrets())
         password = urlsplit(self.broker_url).password
         if password:
             values.append(password)
@@ -192,6 +271,33 @@ def _string(raw: Any, path: str) -> str:
 
 def _secret(raw: Any, path: str) -> Secret:
     return Secret(_string(raw, path))
+
+
+def _secret_from(environ: Mapping[str, str]) -> Callable[[Any, str], Secret]:
+    """A parser of a secret given literally or as ``{env: NAME}`` (read from ``environ``)."""
+    def parse(raw: Any, path: str) -> Secret:
+        if isinstance(raw, Mapping):
+            if set(raw) != {"env"} or not isinstance(raw["env"], str) or not raw["env"]:
+                raise ConfigError(f"{path}: expected a string or {{env: VARIABLE_NAME}}")
+            name = raw["env"]
+            if not environ.get(name):
+                raise ConfigError(f"{path}.env: environment variable {name} is not set")
+            return Secret(environ[name])
+        return _secret(raw, path)
+    return parse
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
+               "mib": 1024**2}
+
+
+def _size(raw: Any, path: str) -> int:
+    """Bytes from ``1048576``, ``"512KiB"``, ``"1MiB"`` or ``"2MB"``."""
+    match = re.fullmatch(r"\s*(\d+)\s*([a-zA-Z]*)\s*", str(raw)) if not isinstance(raw, bool) \
+        else None
+    if match and match.group(2).lower() in _SIZE_UNITS:
+        return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+    raise ConfigError(f"{path}: expected a size such as 1048576, 512KiB or 1MiB, got {raw!r}")
 
 
 def _boolean(raw: Any, path: str) -> bool:
@@ -280,6 +386,18 @@ def check_broker_url(url: str, path: str = "broker.url") -> str:
     return url
 
 
+def check_http_url(url: str, path: str) -> str:
+    """An ``http(s)://host…`` URL (a sink's), refused without echoing a password."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a malformed port
+    except ValueError:
+        raise ConfigError(f"{path}: malformed URL {redact_url(url)!r}") from None
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise ConfigError(f"{path}: expected an http:// or https:// URL, got {redact_url(url)!r}")
+    return url
+
+
 def check_sdk_url(url: str, path: str) -> str:
     parts = urlsplit(url)
     if parts.scheme not in ("https", "http") or not parts.hostname:
@@ -329,10 +447,96 @@ _ARCHIVE = {
 }
 #: Smallest ``archive.maxBytes``: a few hundred events.
 MIN_ARCHIVE_BYTES = 2**20
+
+#: A header name (RFC 9110 token characters).
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+#: Headers vebaq sets itself on a sink request (the CloudEvent's, and the auth it is given).
+_RESERVED_HEADERS = frozenset({"content-type", "content-length", "host", "authorization"})
+
+
+def _parse_sink(raw: Any, path: str, environ: Mapping[str, str]) -> SinkSettings:
+    """``pools.<pool>.sink``: a URL string, or a mapping (see :class:`SinkSettings`)."""
+    if isinstance(raw, str):
+        raw = {"url": raw}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{path}: expected a URL or a mapping with url, mode, timeout, …")
+    if "url" not in raw:
+        raise ConfigError(f"{path}.url: missing (the URL events are POSTed to)")
+    secret = _secret_from(environ)
+    fields: dict[str, tuple[str, Callable]] = {
+        "url": ("url", lambda v, p: check_http_url(_string(v, p), p)),
+        "mode": ("mode", _choice(*SINK_MODES)),
+        "encoding": ("mode", _choice(*SINK_MODES)),  # the VEBA router's name
+        "timeout": ("timeout", parse_duration),
+        "concurrency": ("concurrency", _positive_int),
+        "caBundle": ("ca_bundle", _string),
+        "insecureSSL": ("insecure_ssl", _boolean),
+        "token": ("token", secret),
+        "username": ("username", _string),
+        "password": ("password", secret),
+        "reply": ("reply", _choice(*SINK_REPLIES)),
+    }
+    plain = {k: v for k, v in raw.items() if k != "headers"}  # parsed below
+    # (``headers`` is listed only so that an unknown key's message names it.)
+    sink = _apply(SinkSettings(url=""), plain, {**fields, "headers": ("headers", None)}, path)
+    headers = raw.get("headers") or {}
+    if not isinstance(headers, Mapping):
+        raise ConfigError(f"{path}.headers: expected a mapping of header name to value")
+    parsed: list[tuple[str, str | Secret]] = []
+    for name, value in headers.items():
+        where = f"{path}.headers.{name}"
+        if not isinstance(name, str) or not _HEADER_NAME.match(name):
+            raise ConfigError(f"{where}: not a valid HTTP header name")
+        if name.lower() in _RESERVED_HEADERS or name.lower().startswith("ce-"):
+            raise ConfigError(f"{where}: set by vebaq itself (use token or username/password "
+                              f"for Authorization)")
+        text = secret(value, where) if isinstance(value, Mapping) else _string(value, where)
+        shown = text.reveal() if isinstance(text, Secret) else text
+        if "\r" in shown or "\n" in shown:
+            raise ConfigError(f"{where}: a header value cannot contain a line break")
+        parsed.append((name, text))
+    sink = replace(sink, headers=tuple(parsed))
+    if sink.timeout <= 0:
+        raise ConfigError(f"{path}.timeout: must be > 0")
+    if sink.concurrency < 1:
+        raise ConfigError(f"{path}.concurrency: must be ≥ 1")
+    if sink.token and (sink.username or sink.password):
+        raise ConfigError(f"{path}: token and username/password both set (choose one)")
+    if bool(sink.username) != bool(sink.password):
+        raise ConfigError(f"{path}: basic auth needs both username and password")
+    return sink
+
+
+def _parse_ingress(raw: Mapping[str, Any], environ: Mapping[str, str]) -> IngressSettings:
+    secret = _secret_from(environ)
+    fields: dict[str, tuple[str, Callable]] = {
+        "bind": ("bind", _string),
+        "port": ("port", _positive_int),
+        "path": ("path", _string),
+        "token": ("token", secret),
+        "username": ("username", _string),
+        "password": ("password", secret),
+        "maxRequestBytes": ("max_request_bytes", _size),
+    }
+    ingress = _apply(IngressSettings(), raw, fields, "ingress")
+    if not 0 < ingress.port < 65536:
+        raise ConfigError(f"ingress.port: must be between 1 and 65535, got {ingress.port}")
+    if not ingress.path.startswith("/"):
+        raise ConfigError(f"ingress.path: must start with '/', got {ingress.path!r}")
+    if ingress.max_request_bytes < 1024:
+        raise ConfigError("ingress.maxRequestBytes: must be at least 1KiB")
+    if ingress.token and (ingress.username or ingress.password):
+        raise ConfigError("ingress: token and username/password both set (choose one)")
+    if bool(ingress.username) != bool(ingress.password):
+        raise ConfigError("ingress: basic auth needs both username and password")
+    return ingress
+
+
 #: Keys of the ``broker`` section (parsed in :func:`_build`).
 _BROKER = ("url", "visibilityTimeout", "taskSentEvents")
 _TOP_LEVEL = ("broker", "vcenter", "archive", "cloudevents", "functions", "triggers", "pools",
-              "vrops", "apiVersion", "kind")
+              "vrops", "ingress", "apiVersion", "kind")
 
 #: Environment variables → (section, file key). Env wins over the file.
 ENVIRONMENT: dict[str, tuple[str, str]] = {
@@ -350,6 +554,11 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "VEBAQ_ARCHIVE_MAX_AGE": ("archive", "maxAge"),
     "VEBAQ_ARCHIVE_MAX_ENTRIES": ("archive", "maxEntries"),
     "VEBAQ_ARCHIVE_MAX_BYTES": ("archive", "maxBytes"),
+    "VEBAQ_INGRESS_PORT": ("ingress", "port"),
+    "VEBAQ_INGRESS_TOKEN": ("ingress", "token"),
+    "VEBAQ_INGRESS_USERNAME": ("ingress", "username"),
+    "VEBAQ_INGRESS_PASSWORD": ("ingress", "password"),
+    "VEBAQ_INGRESS_MAX_REQUEST_BYTES": ("ingress", "maxRequestBytes"),
     "VROPS_URL": ("vrops", "url"),
     "VROPS_USER": ("vrops", "username"),
     "VROPS_PASSWORD": ("vrops", "password"),
@@ -463,7 +672,7 @@ def _build(raw: dict[str, Any], environ: Mapping[str, str]) -> Settings:
         if key not in _TOP_LEVEL:
             raise ConfigError(f"{key}: unknown key (expected one of {', '.join(_TOP_LEVEL)})")
     sections: dict[str, dict[str, Any]] = {}
-    for name in ("broker", "vcenter", "vrops", "archive", "cloudevents", "pools"):
+    for name in ("broker", "vcenter", "vrops", "archive", "cloudevents", "pools", "ingress"):
         value = raw.get(name)
         if value is not None and not isinstance(value, Mapping):
             raise ConfigError(f"{name}: expected a mapping, got {type(value).__name__}")
@@ -531,16 +740,21 @@ def _build(raw: dict[str, Any], environ: Mapping[str, str]) -> Settings:
     functions = [_string(m, f"functions[{i}]") for i, m in enumerate(functions_raw)]
     functions += [m for m in environ.get("VEBAQ_FUNCTIONS", "").split(",") if m.strip()]
 
-    retry = {}
+    retry, sinks = {}, {}
     for pool, pool_raw in sections["pools"].items():
         pool_raw = pool_raw or {}
-        if not isinstance(pool_raw, Mapping) or set(pool_raw) - {"retry"} - set(_RETRY):
-            # A pool section holds the retry keys directly (Knative style) or under "retry".
-            extra = sorted(set(pool_raw) - {"retry"} - set(_RETRY)) if isinstance(
+        allowed = {"sink", *_RETRY}
+        if not isinstance(pool_raw, Mapping) or set(pool_raw) - allowed:
+            # A pool section holds the retry keys directly (Knative style), and maybe a sink.
+            extra = sorted(set(pool_raw) - allowed) if isinstance(
                 pool_raw, Mapping) else ["<not a mapping>"]
             raise ConfigError(f"pools.{pool}.{extra[0]}: unknown key "
-                              f"(expected one of {', '.join(sorted(_RETRY))})")
+                              f"(expected one of {', '.join(sorted(allowed))})")
+        pool_raw = dict(pool_raw)
+        if "sink" in pool_raw:
+            sinks[str(pool)] = _parse_sink(pool_raw.pop("sink"), f"pools.{pool}.sink", environ)
         retry[pool] = _apply(RetryPolicy(), pool_raw, _RETRY, f"pools.{pool}")
+    ingress = _parse_ingress(sections["ingress"], environ)
 
     triggers = DEFAULT_TRIGGERS
     if "triggers" in raw:
@@ -549,5 +763,6 @@ def _build(raw: dict[str, Any], environ: Mapping[str, str]) -> Settings:
     return Settings(broker_url=broker_url, visibility_timeout=visibility_timeout,
                     task_sent_events=task_sent_events, vcenter=vcenter, vrops=vrops,
                     archive=archive, cloudevent_type=cloudevent_type, triggers=triggers,
-                    retry=retry, functions=tuple(m.strip() for m in functions),
+                    retry=retry, sinks=sinks, ingress=ingress,
+                    functions=tuple(m.strip() for m in functions),
                     default_triggers="triggers" not in raw)

@@ -9,6 +9,7 @@ deep inside a function.
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from typing import Any
 
 from cloudevents.core.exceptions import BaseCloudEventException
@@ -19,6 +20,15 @@ from cloudevents.core.v1.event import CloudEvent
 REQUIRED_ATTRIBUTES = ("specversion", "id", "source", "type")
 
 _FORMAT = JSONFormat()
+
+
+def check_time(value: Any, name: str = "time") -> None:
+    """Raise ``ValueError`` unless ``value`` is an RFC 3339 time (the SDK's own message for a
+    bad one is about an integer)."""
+    try:
+        datetime.fromisoformat(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} {value!r} is not an RFC 3339 time") from None
 
 
 def to_structured(event: CloudEvent) -> dict[str, Any]:
@@ -37,6 +47,8 @@ def from_structured(payload: dict[str, Any] | str | bytes) -> CloudEvent:
     missing = [name for name in REQUIRED_ATTRIBUTES if not parsed.get(name)]
     if missing:
         raise ValueError(f"missing required attribute(s): {', '.join(missing)}")
+    if "time" in parsed:
+        check_time(parsed["time"])
     try:
         return _FORMAT.read(None, json.dumps(parsed))
     except BaseCloudEventException as exc:

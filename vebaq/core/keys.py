@@ -57,6 +57,11 @@ def archive_unsettled(instance_uuid: str) -> str:
 #: Hash of vCenter instance UUID → its source URL, for every vCenter with an archive.
 ARCHIVE_SOURCES = f"{PREFIX}:archive:sources"
 
+def ingress_event_source(event_id: str) -> str:
+    """The ``source`` of the event ``vebaq ingress`` accepted with this id
+    (:mod:`producer.ingress`): a different source reusing the id is refused."""
+    return f"{PREFIX}:ingress:source:{event_id}"
+
 
 # --- workers: what already ran, and the vrops pool's per-host state
 

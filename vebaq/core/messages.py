@@ -3,7 +3,8 @@
 One vebaq task message is a Celery task call:
 
 * **name** — the event's CloudEvent ``subject`` (``VmPoweredOffEvent``, or an EventEx id), so
-  Flower lists tasks by subject;
+  Flower lists tasks by subject; an event without a subject (from another source, through
+  ``vebaq ingress``) is named after its ``type`` (:func:`task_name`);
 * **queue** — the pool's name (:func:`queue_for`), one direct exchange per pool;
 * **kwargs** — ``event`` (the structured CloudEvent, :mod:`vebaq.core.envelope`), ``pool``, and
   on a retry or a replay of some functions only: ``attempt``, ``functions`` and
@@ -27,6 +28,14 @@ from typing import Any
 from kombu import Exchange, Queue
 
 from vebaq.core.errors import PoisonMessage
+
+#: Task names Celery keeps for itself: a worker refuses them.
+RESERVED_NAME_PREFIX = "celery."
+
+
+def task_name(event: Mapping[str, Any]) -> str:
+    """The task name of a structured event: its ``subject``, else its ``type``."""
+    return str(event.get("subject") or event.get("type") or "")
 
 
 @functools.cache

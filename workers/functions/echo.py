@@ -14,9 +14,10 @@ logger = logging.getLogger("vebaq.echo")
 
 
 def render(event: CloudEvent) -> str:
-    """Attributes one per line, then the data as indented JSON."""
+    """Attributes one per line, then the data as indented JSON; headed by the subject (the
+    type for an event without one, as its task is named)."""
     attributes = event.get_attributes()
-    lines = [f"CloudEvent {event.get_subject()}"]
+    lines = [f"CloudEvent {event.get_subject() or event.get_type()}"]
     for name in sorted(attributes):
         value = attributes[name]
         lines.append(f"  {name}: {value.isoformat() if hasattr(value, 'isoformat') else value}")
