@@ -42,6 +42,36 @@ def client(url: str) -> redis.Redis:
         return _clients[key]
 
 
+def out_of_memory(error: BaseException) -> bool:
+    """Did Redis refuse a write for want of memory (``maxmemory`` reached, ``noeviction``)?
+    Looks through the causes too: kombu wraps the error of a failed publish."""
+    seen = 0
+    while error is not None and seen < 10:
+        if isinstance(error, redis.OutOfMemoryError) or "OOM command not allowed" in str(error):
+            return True
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return False
+
+
+def explain_redis_error(error: BaseException, r: redis.Redis | None = None) -> str:
+    """One line for a failed Redis call: ``Type: message``, or for a Redis out of memory
+    ``Redis is out of memory (maxmemory 100.00M, noeviction): OOM command not allowed …`` —
+    the limit and policy read from ``r`` when it still answers ``INFO``."""
+    if not out_of_memory(error):
+        return f"{type(error).__name__}: {error}"
+    detail = "maxmemory reached"
+    if r is not None:
+        try:
+            info = r.info("memory")
+            detail = f"maxmemory {info.get('maxmemory_human')}, {info.get('maxmemory_policy')}"
+        except redis.RedisError:
+            pass
+    cause = error
+    while not isinstance(cause, redis.OutOfMemoryError) and (cause.__cause__ or cause.__context__):
+        cause = cause.__cause__ or cause.__context__
+    return f"Redis is out of memory ({detail}): {str(cause).strip()}"
+
+
 class Script:
     """A Lua script, defined once at module level and run with any client.
 
