@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = ROOT / "bench"
 
 #: The sections, in the order they run.
-SECTIONS = ("raw", "drain", "backlog", "throughput", "latency", "vrops")
+SECTIONS = ("raw", "drain", "backlog", "throughput", "latency", "vrops", "scrub")
 
 #: Sections that need govmomi's vCenter simulator.
 NEED_SIMULATOR = frozenset({"drain", "latency"})
@@ -69,6 +69,9 @@ def _section_runner(name: str, profile: Profile, redis_url: str, sim: VcSim | No
     if name == "latency":
         from bench import latency
         return lambda: latency.measure(profile, redis_url, sim, log_dir)
+    if name == "scrub":
+        from bench import scrub
+        return lambda: scrub.measure(profile)
     from bench import vrops
     return lambda: vrops.measure(profile, redis_url, log_dir)
 
