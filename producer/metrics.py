@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import threading
 import time
@@ -14,6 +15,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from vebaq.core import deadletters, retrystore
+from vebaq.core.errors import ConfigError
 
 #: ``/healthz`` fails when the main loop has not come round for this many seconds.
 STALL_SECONDS = 120
@@ -94,7 +96,8 @@ class ProducerMetrics:
 
 
 def serve(metrics: ProducerMetrics, port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer:
-    """Serve ``/metrics``, ``/stats`` and ``/healthz`` on a daemon thread."""
+    """Serve ``/metrics``, ``/stats`` and ``/healthz`` on a daemon thread; a port that cannot
+    be opened (taken, privileged) raises :class:`ConfigError` saying so."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - http.server's naming
@@ -116,6 +119,13 @@ def serve(metrics: ProducerMetrics, port: int, host: str = "0.0.0.0") -> Threadi
         def log_message(self, *args: object) -> None:  # keep probes out of the logs
             pass
 
-    server = ThreadingHTTPServer((host, port), Handler)
+    try:
+        server = ThreadingHTTPServer((host, port), Handler)
+    except OSError as exc:
+        reason = {errno.EADDRINUSE: "is in use", errno.EACCES: "needs privileges (use one ≥ 1024)",
+                  errno.EADDRNOTAVAIL: f"cannot be bound on {host}"}.get(
+                      exc.errno, f"cannot be opened ({exc.strerror or exc})")
+        raise ConfigError(f"metrics port {port} {reason}: set --metrics-port or "
+                          f"VEBAQ_METRICS_PORT to a free port (0 disables it)") from None
     threading.Thread(target=server.serve_forever, name="vebaq-metrics", daemon=True).start()
     return server

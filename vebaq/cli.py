@@ -132,9 +132,12 @@ def worker(pools: tuple[str, ...], concurrency: int | None, pool_impl: str | Non
 def dev(pools: tuple[str, ...], simulate: bool | None, rate: float, flower_port: int,
         metrics_port: int) -> None:
     """Run the whole pipeline in one terminal: broker, producer, workers, Flower."""
+    from vebaq.core import redisdb
     from vebaq.devtools import dev as dev_mode
 
-    load_settings(None)  # refuse a bad config before starting anything
+    settings = load_settings(None)  # refuse a bad config before starting anything
+    if os.environ.get("VEBAQ_BROKER_URL"):  # and a Redis that refuses us
+        redisdb.check(settings.broker_url, settings.secrets())
     sys.exit(dev_mode.run(pools, simulate, rate, flower_port, metrics_port))
 
 
@@ -160,15 +163,19 @@ class DeadLetterGroup(click.Group):
 
     def invoke(self, ctx: click.Context) -> object:
         import redis
-        from kombu.exceptions import OperationalError
+        from kombu.exceptions import KombuError, OperationalError
 
         try:
             return super().invoke(ctx)
         except VebaqError as exc:
             raise CommandError(exc) from None
-        except (redis.RedisError, OperationalError) as exc:
-            broker = ctx.obj.broker() if isinstance(ctx.obj, DeadLetterStore) else "?"
-            raise CommandError(BrokerError(f"broker {broker}: {type(exc).__name__}: {exc}")) \
+        except (redis.RedisError, OperationalError, KombuError) as exc:
+            from vebaq.core.redisdb import explain_redis_error
+
+            store = ctx.obj if isinstance(ctx.obj, DeadLetterStore) else None
+            broker = store.broker() if store else "?"
+            r = store.__dict__.get("redis") if store else None
+            raise CommandError(BrokerError(f"broker {broker}: {explain_redis_error(exc, r)}")) \
                 from None
 
 
@@ -187,6 +194,9 @@ class DeadLetterStore:
     def redis(self) -> redis.Redis:
         import redis
 
+        from vebaq.core.redisdb import check
+
+        check(self.settings.broker_url, self.settings.secrets())  # one line if it refuses us
         return redis.Redis.from_url(self.settings.broker_url, socket_connect_timeout=5,
                                     socket_timeout=30)
 
@@ -372,9 +382,14 @@ def dlq_stats(store: DeadLetterStore, as_json: bool) -> None:
 def main() -> None:
     """Entry point: run the CLI, turning vebaq's errors into one line and an exit status."""
     try:
-        cli.main(standalone_mode=False)
+        cli.main(standalone_mode=False, prog_name="vebaq")
     except click.exceptions.Abort:
         sys.exit(130)
+    except click.UsageError as exc:  # one line too, not click's usage block
+        command = exc.ctx.command_path if exc.ctx is not None else "vebaq"
+        click.echo(error_line(f"{exc.format_message().rstrip('.')} (see '{command} --help')"),
+                   err=True)
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)

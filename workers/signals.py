@@ -3,7 +3,8 @@ dead letters for what Celery would drop.
 
 Imported by :mod:`workers.app`, so that ``vebaq worker`` and ``celery -A workers worker`` alike:
 
-* check the settings at start (one line and exit on a bad config, not on the first task);
+* check the settings and the broker's Redis at start (one line and exit on a bad config or
+  a refused password, not on the first task or in an endless reconnect loop);
 * start a :class:`~workers.scheduler.Scheduler` thread in the worker main process once the
   worker is ready (``worker_ready`` fires there only, whatever the execution pool), and stop it
   on shutdown;
@@ -28,7 +29,7 @@ from celery import Celery, Task, signals
 from celery.worker.consumer import Consumer
 from kombu import Message
 
-from vebaq.core import deadletters
+from vebaq.core import deadletters, redisdb
 from vebaq.core.errors import HardTimeLimit, PoisonMessage, VebaqError, error_line
 from vebaq.core.redisdb import client
 from workers import breaker
@@ -51,13 +52,20 @@ _FAILED_REMEMBERED = 1000
 _scheduler: Scheduler | None = None
 
 
-@signals.worker_init.connect(dispatch_uid="vebaq.check_settings")
-def check_settings(**_: Any) -> None:
-    """Fail at start, in one line, on a bad config, instead of on the first task."""
+@signals.celeryd_init.connect(dispatch_uid="vebaq.check_settings")
+def check_settings(conf: Any = None, **_: Any) -> None:
+    """Fail at start, in one line, on a bad config or a Redis that refuses us (a wrong password
+    is permanent: Celery's consumer would retry it for ever), instead of on the first task.
+
+    ``celeryd_init`` is the worker program's first signal: before Celery's banner and its
+    warnings, so that the error line is the only one."""
+    secrets: tuple[str, ...] = ()
     try:
-        settings()
+        current = settings()
+        secrets = current.secrets()
+        redisdb.check(getattr(conf, "broker_url", None) or current.broker_url, secrets)
     except VebaqError as exc:
-        print(error_line(str(exc)), file=sys.stderr)
+        print(error_line(str(exc), secrets), file=sys.stderr, flush=True)
         raise SystemExit(exc.exit_code) from None
 
 

@@ -9,11 +9,15 @@ the script again after ``NOSCRIPT``, e.g. after a Redis restart).
 from __future__ import annotations
 
 import os
+import re
 import threading
 from collections.abc import Sequence
 
 import redis
 from redis.commands.core import Script as _RedisScript
+
+from vebaq.core.errors import BrokerError
+from vebaq.core.secrets import redact_url, scrub
 
 #: Seconds a command may take before the client gives up (a hung Redis is an error, not a hang).
 SOCKET_TIMEOUT = 10.0
@@ -40,6 +44,11 @@ def client(url: str) -> redis.Redis:
         if key not in _clients:
             _clients[key] = connect(url)
         return _clients[key]
+
+
+#: redis-py's prefix for an error reply inside a pipeline: ``Command # 1 (LLEN echo) of pipeline
+#: caused error: ``.
+_PIPELINE_PREFIX = re.compile(r"^Command # \d+ \(.*?\) of pipeline caused error: ")
 
 
 def out_of_memory(error: BaseException) -> bool:
@@ -69,7 +78,32 @@ def explain_redis_error(error: BaseException, r: redis.Redis | None = None) -> s
     cause = error
     while not isinstance(cause, redis.OutOfMemoryError) and (cause.__cause__ or cause.__context__):
         cause = cause.__cause__ or cause.__context__
-    return f"Redis is out of memory ({detail}): {str(cause).strip()}"
+    reply = _PIPELINE_PREFIX.sub("", str(cause).strip())
+    return f"Redis is out of memory ({detail}): {reply}"
+
+
+def check(url: str, secrets: Sequence[str] = ()) -> None:
+    """Make sure the broker's Redis answers and takes our password, at a process's start;
+    raises :class:`BrokerError` with one line (a refused password is permanent: retrying, as
+    Celery's consumer would, only repeats it). Redis out of memory is reported when the first
+    write fails, by :func:`explain_redis_error`."""
+    where = redact_url(url)
+    probe = connect(url, socket_timeout=CONNECT_TIMEOUT)
+    try:
+        probe.ping()
+    except redis.AuthenticationError as exc:
+        detail = "wrong password" if "invalid" in str(exc) or "WRONGPASS" in str(exc) \
+            else scrub(str(exc).rstrip("."), tuple(secrets)).lower()
+        if redis.connection.parse_url(url).get("password") is None:
+            detail = "it needs a password, and the URL has none"
+        raise BrokerError(f"Redis at {where} refused the connection: {detail}") from None
+    except redis.ResponseError as exc:  # e.g. an old Redis refusing AUTH without a password
+        raise BrokerError(f"Redis at {where}: {scrub(str(exc), tuple(secrets))}") from None
+    except redis.RedisError as exc:
+        raise BrokerError(f"cannot reach Redis at {where}: "
+                          f"{scrub(str(exc), tuple(secrets))}") from None
+    finally:
+        probe.close()
 
 
 class Script:
