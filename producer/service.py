@@ -13,6 +13,7 @@ from celery import Celery
 from kombu.exceptions import KombuError, OperationalError
 from pyVmomi import vim
 
+from producer import unconverted
 from producer.checkpoint import OVERLAP, CheckpointStore, LeaseLost
 from producer.cloudevent import MalformedEvent, subject_of, to_cloudevent
 from producer.lease import Lease
@@ -272,12 +273,18 @@ class ProducerService:
         return converted
 
     def _dead_letter_malformed(self, event: vim.event.Event, exc: Exception) -> None:
+        """Dead-letter an event that cannot be converted, replayably (see
+        :mod:`producer.unconverted`)."""
         self.metrics.malformed.inc()
-        logger.error("cannot convert %s (key %r): %s; dead-lettered", subject_of(event),
-                     getattr(event, "key", None), exc)
-        deadletters.add(self.redis, task_name=subject_of(event), pool=None, function="producer",
-                        event={"vcenter": self.session.url, "raw": str(event)[:20000]},
-                        error=exc, attempt=1)
+        kept = unconverted.dead_letter_event(
+            event, source=self.session.url, instance_uuid=self.session.instance_uuid,
+            api_version=self.session.api_version, key_epoch=self.key_epoch)
+        letter = deadletters.add(self.redis, task_name=subject_of(event), pool=None,
+                                 function=unconverted.FUNCTION, event=kept, error=exc, attempt=1)
+        logger.error("cannot convert %s (key %r): %s; dead letter %s%s", subject_of(event),
+                     getattr(event, "key", None), exc, letter,
+                     f" (not replayable: {kept['notReplayable']})" if "notReplayable" in kept
+                     else " (`vebaq dlq replay` converts it again)")
 
     def _publish(self, pending: list[ReadEvent]) -> bool:
         """Enqueue, then commit the checkpoint; False (batch kept) if Redis failed."""

@@ -306,23 +306,39 @@ def dlq_replay(store: DeadLetterStore, letter_id: str | None, replay_all: bool,
     """Send dead letters to their pool again.
 
     Each goes as a first attempt of the function that failed, and its record is deleted once
-    the broker has the message."""
+    the broker has the message. An event the producer could not convert is converted again and
+    sent to the pools today's triggers route it to."""
+    from producer import unconverted
+
     if bool(letter_id) == replay_all:
         raise click.UsageError("give one dead letter ID, or --all")
     if not replay_all and (subject or pool):
         raise click.UsageError("--subject and --pool go with --all")
     r, pools = store.redis, store.pools
 
-    def replay(record: dict) -> None:
+    def replay(record: dict) -> str:
+        """Replay one record; returns where it went, for the output."""
+        if unconverted.is_producer_letter(record):
+            sent: set[str] = set()
+
+            def reconverted(record: dict) -> list:
+                messages = list(unconverted.replay_messages(record, store.settings))
+                sent.update(message.pool for message in messages)
+                return messages
+
+            deadletters.replay(store.publisher, r, record["id"], reconverted)
+            return (f"converted again, sent to {', '.join(sorted(sent))}" if sent else
+                    "converted again; no trigger routes it to a pool today, nothing sent")
         if record.get("pool") not in pools:
             raise NotReplayable(
                 f"dead letter {record['id']}: pool {record.get('pool')!r} is not a pool of this "
                 f"configuration (known: {', '.join(sorted(pools))})")
         deadletters.replay(store.publisher, r, record["id"])
+        return ""
 
     if letter_id:
-        replay(deadletters.get(r, letter_id))
-        click.echo(f"replayed 1 dead letter ({letter_id})")
+        where = replay(deadletters.get(r, letter_id))
+        click.echo(f"replayed 1 dead letter ({letter_id})" + (f": {where}" if where else ""))
         return
     letters = deadletters.list_letters(r, subject=subject, pool=pool)
     replayed, skipped = 0, []
