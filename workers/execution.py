@@ -80,13 +80,13 @@ def event_bytes(event: Mapping[str, Any]) -> int:
 def handle(task: Task, kwargs: Mapping[str, Any], args: tuple[Any, ...] = ()) -> dict[str, Any]:
     """Run the functions; returns a small summary (shown as the task result in Flower), or
     raises :class:`~workers.retries.DeadLettered` or :class:`celery.exceptions.Retry`."""
-    delivery: list[breaker.Delivery] = []  # set once the journal has this delivery
+    started: list[breaker.Delivery] = []  # the delivery, once it has begun
     try:
-        return _handle(task, kwargs, args, delivery)
+        return _handle(task, kwargs, args, started)
     except redis.RedisError as exc:
+        if started:
+            started[0].abandon()
         r = client(task.app.conf.broker_url)
-        if delivery:
-            breaker.abandon(r, delivery[0])
         raise Reject(f"Redis failed ({explain_redis_error(exc, r)}); message requeued",
                      requeue=True) from exc
 
@@ -94,10 +94,10 @@ def handle(task: Task, kwargs: Mapping[str, Any], args: tuple[Any, ...] = ()) ->
 def _handle(task: Task, kwargs: Mapping[str, Any], args: tuple[Any, ...],
             started: list[breaker.Delivery]) -> dict[str, Any]:
     redis_client = client(task.app.conf.broker_url)
+    delivery_info = getattr(task.request, "delivery_info", None) or {}
     try:
         message, cloudevent = parse_message(task.name, kwargs, args)
     except PoisonMessage as exc:
-        delivery_info = getattr(task.request, "delivery_info", None) or {}
         pool = kwargs.get("pool") or delivery_info.get("routing_key")  # the queue it came from
         letter = retries.dead_letter(
             task, redis_client, kwargs.get("event"), pool, function=None, error=exc,
@@ -113,16 +113,16 @@ def _handle(task: Task, kwargs: Mapping[str, Any], args: tuple[Any, ...],
             for name in message.functions if name not in known]
         functions = [fn for fn in functions if fn.name in message.functions]
     current = settings()
-    task_id = getattr(task.request, "id", None) or message.task_id
-    delivery = breaker.start(
-        redis_client, task_id, message.pool,
+    limits = current.pool_limits(message.pool)
+    delivery = breaker.Delivery(
+        redis_client, getattr(task.request, "id", None) or message.task_id, message.pool,
         event_id, [fn.name for fn in functions],
-        limit=current.pool_limits(message.pool).max_deliveries,
+        redelivered=bool(delivery_info.get("redelivered")), limit=limits.max_deliveries,
         ttl=breaker.journal_ttl(current.visibility_timeout))
     started.append(delivery)
     to_run = []
     for fn in functions:
-        if fn.name in delivery.done:
+        if delivery.is_done(fn.name):
             skipped.append(fn.name)
         elif delivery.tripped(fn.name):
             failures.append(retries.Failure(fn.name, delivery.poison(fn.name),
@@ -135,19 +135,18 @@ def _handle(task: Task, kwargs: Mapping[str, Any], args: tuple[Any, ...],
             fn.handler(cloudevent)
         except SoftTimeLimitExceeded:  # Celery interrupted it: say so, then retry as usual
             failures.append(retries.Failure(fn.name, SoftTimeLimit(
-                f"{fn.name} ran past the soft time limit "
-                f"({current.pool_limits(message.pool).soft_time_limit:g}s) and was interrupted")))
-            breaker.advance(redis_client, delivery, following)
+                f"{fn.name} ran past the soft time limit ({limits.soft_time_limit:g}s) and was "
+                "interrupted")))
+            delivery.ended(fn.name, following, succeeded=False)
             continue
         except Exception as exc:  # every failure is retried or dead-lettered, never lost
             failures.append(retries.Failure(fn.name, exc))
-            breaker.advance(redis_client, delivery, following)
+            delivery.ended(fn.name, following, succeeded=False)
             continue
-        breaker.advance(redis_client, delivery, following,
-                        succeeded=(message.pool, fn.name, event_id))
+        delivery.ended(fn.name, following, succeeded=True)
         ran.append(fn.name)
     if not to_run:
-        breaker.finish(redis_client, task_id)
+        delivery.finish()
     if skipped:
         logger.info("%s %s: already handled by %s (duplicate delivery suppressed)",
                     subject, event_id, ", ".join(skipped))

@@ -33,6 +33,7 @@ from vebaq.core import deadletters, redisdb
 from vebaq.core.errors import HardTimeLimit, PoisonMessage, VebaqError, error_line
 from vebaq.core.redisdb import client
 from workers import breaker
+from workers.pools import functions_for
 from workers.retries import DeadLettered
 from workers.scheduler import Scheduler
 from workers.settings import settings
@@ -107,9 +108,9 @@ def dead_letter_failed_task(sender: Task | None = None, task_id: str | None = No
     delivery = getattr(getattr(sender, "request", None), "delivery_info", None) or {}
     r = client(sender.app.conf.broker_url)
     if isinstance(exception, TimeLimitExceeded) and task_id:
-        # Celery killed the prefork child: name the function it was running (the journal's),
-        # and forget the journal, the task is over.
-        running = breaker.running(r, task_id)
+        # Celery killed the prefork child: name the function it was running, and forget the
+        # journal, the task is over.
+        running = _running(r, sender.name, task_id, kwargs)
         limit = exception.args[0] if exception.args else "?"
         exception = HardTimeLimit(
             f"hard time limit ({limit}s) exceeded"
@@ -125,6 +126,16 @@ def dead_letter_failed_task(sender: Task | None = None, task_id: str | None = No
         message={"args": args, "kwargs": kwargs})
     logger.error("%s[%s] failed outside vebaq's failure handling → dead letter %s: %s",
                  sender.name, task_id, letter, deadletters.describe(exception))
+
+
+def _running(r: Any, subject: str, task_id: str, kwargs: dict[str, Any]) -> str | None:
+    """The function a task killed by its time limit was running (``None``: cannot tell)."""
+    pool, event = kwargs.get("pool"), kwargs.get("event")
+    if not isinstance(pool, str) or not isinstance(event, dict) or not event.get("id"):
+        return None
+    names = [fn.name for fn in functions_for(pool, subject)
+             if not kwargs.get("functions") or fn.name in kwargs["functions"]]
+    return breaker.running(r, task_id, pool, str(event["id"]), names)
 
 
 def _body(body: Any) -> str:

@@ -35,6 +35,7 @@ key, e.g. ``vebaq.yaml: vcenter.pollIntervall: unknown key``.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -143,6 +144,11 @@ class PoolLimits:
         return replace(self, soft_time_limit=soft, time_limit=hard)
 
 
+@functools.lru_cache(maxsize=8)
+def _default_limits(visibility_timeout: float) -> PoolLimits:
+    return PoolLimits().resolved(visibility_timeout)
+
+
 @dataclass(frozen=True)
 class VCenterSettings:
     url: str | None = None
@@ -203,9 +209,9 @@ class Settings:
         return self.retry.get(pool, RetryPolicy())
 
     def pool_limits(self, pool: str) -> PoolLimits:
-        """The pool's :class:`PoolLimits`, time limits resolved."""
+        """The pool's :class:`PoolLimits`, time limits resolved (read for every task)."""
         limits = self.limits.get(pool)
-        return limits if limits is not None else PoolLimits().resolved(self.visibility_timeout)
+        return limits if limits is not None else _default_limits(self.visibility_timeout)
 
     def secrets(self) -> tuple[str, ...]:
         """Every secret value, for scrubbing free text."""
