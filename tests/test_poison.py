@@ -277,3 +277,24 @@ def test_a_function_past_the_soft_time_limit_is_retried_then_dead_lettered(
     assert letter["exception"] == "SoftTimeLimit" and letter["function"] == "sleepy"
     assert letter["error"] == "sleepy ran past the soft time limit (1s) and was interrupted"
     assert letter["attempts"] == 2
+
+
+def test_the_breaker_counts_a_child_death_the_pool_noticed_only_at_the_time_limit(
+        redis_url: str, redis_client: redis.Redis, tmp_path: Path, log_dir: Path,
+        app: Celery) -> None:
+    """billiard can take seconds to notice a child that died the moment it took a task; with a
+    hard limit shorter than that (3.6 s here) the limit fires first. That must count as a lost
+    worker (requeued, charged), not as a slow function (dead-lettered at once)."""
+    worker = Supervised(poison_env(redis_url, tmp_path, visibility=4), log_dir, "prefork")
+    try:
+        bad = flaky.send(app, "SigkillEvent", pool="poison")
+        wait_until(lambda: letters_of(redis_client, bad), 120, "the dead letter")
+    finally:
+        worker.stop()
+    [letter] = letters_of(redis_client, bad)
+    unnoticed = worker.log().count("its pool child had died; requeued as a lost worker")
+    print(f"\n[poison breaker: hard limit 3.6 s] deliveries={runs(redis_client, 'sigkill', bad)}, "
+          f"{unnoticed} of them noticed only at the time limit; reason: {letter['error']}")
+    assert runs(redis_client, "sigkill", bad) == MAX_DELIVERIES
+    assert letter["exception"] == "WorkerLost"
+    assert letter["error"].startswith("worker lost 3 times while running sigkill: ")
