@@ -13,7 +13,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -28,8 +27,11 @@ from tests.support import (
     Proc,
     Simulator,
     VCenter,
+    all_enqueued,
     build_vcsim,
     free_port,
+    post,
+    report,
     start_producer,
     vebaq_argv,
     wait_until,
@@ -39,37 +41,6 @@ pytestmark = pytest.mark.slow
 
 #: The peer's collector capacity in these tests: small, so that a burst of 10× it is quick.
 CAPACITY = 100
-
-
-def enqueued(r: redis.Redis) -> Counter[str]:
-    """Tasks waiting in the echo pool's queue, per CloudEvent id (no worker consumes them)."""
-    return Counter(json.loads(raw)["headers"]["id"].rsplit(":", 1)[0]
-                   for raw in r.lrange("echo", 0, -1))
-
-
-def post(vcenter: VCenter, count: int, label: str) -> list[str]:
-    """Post ``count`` events; returns their CloudEvent ids (the peer's latestEvent gives each
-    one's key)."""
-    ids = []
-    manager = vcenter.content.eventManager
-    for i in range(count):
-        vcenter.post(vim.event.GeneralUserEvent(message=f"{label} {i}"))
-        ids.append(event_id(vcenter.instance_uuid, manager.latestEvent.key))
-    return ids
-
-
-def report(name: str, sent: list[str], r: redis.Redis) -> tuple[int, int]:
-    counts = enqueued(r)
-    handled = sum(1 for i in sent if counts[i])
-    lost = len(sent) - handled
-    duplicates = sum(counts[i] - 1 for i in sent if counts[i] > 1)
-    print(f"\n[{name}] sent={len(sent)} handled={handled} lost={lost} duplicates={duplicates}")
-    return lost, duplicates
-
-
-def all_enqueued(r: redis.Redis, sent: list[str]) -> bool:
-    counts = enqueued(r)
-    return all(counts[i] for i in sent)
 
 
 def collectors(url: str) -> dict:

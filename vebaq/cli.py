@@ -2,6 +2,11 @@
 
 Every :class:`~vebaq.core.errors.VebaqError` ends the command with one line on stderr and the
 error's exit status; no traceback, no secret.
+
+Each command imports the producer, the workers or the dev tools when it runs, not at the top:
+``vebaq --help``, a usage error or a ``dlq`` command start without importing Celery's worker,
+pyvmomi's ~450 event classes and every function module (these imports dodge no cycle: the CLI
+is the top layer).
 """
 
 from __future__ import annotations
