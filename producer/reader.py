@@ -2,10 +2,11 @@
 
 vCenter pages ``ReadNextEvents`` forward in key order from the collector's position, and
 appends events posted after the collector was created: draining it after each poll gives every
-new event once. That is the one path this reader takes. The collector reads every event (no
-entity filter, so vCenter's newest event is always one it should return), created since
-``begin`` (the checkpoint's time minus an overlap); events are de-duplicated by key against the
-published window (``seen``), filtered by creation time (``floor``), and returned in key order.
+new event once. That is the one path this reader takes. Unless a filter is pushed down
+(below), the collector reads every event (so vCenter's newest event is always one it should
+return), created since ``begin`` (the checkpoint's time minus an overlap); events are
+de-duplicated by key against the published window (``seen``), filtered by creation time
+(``floor``), and returned in key order.
 
 **A collector can stop returning events without saying so.** Current govmomi marks a collector
 more than ~1,000 unread events behind as stale and returns nothing from it ever again; VEBA's

@@ -19,6 +19,7 @@ from pyVmomi import vim
 from producer.cloudevent import event_id
 from tests.support import (
     Proc,
+    RedisServer,
     Simulator,
     VCenter,
     build_vcsim,
@@ -112,9 +113,9 @@ def vms(vcenter: VCenter) -> list[vim.VirtualMachine]:
 
 
 def test_data_triggers_route_exactly_the_matching_events_and_pushdown_reads_fewer(
-        peer: tuple[Simulator, VCenter], stack_env: dict[str, str], redis_base: str,
-        log_dir: Path, tmp_path: Path) -> None:
-    """Two producers read the same vCenter into two Redis databases with the same triggers on
+        peer: tuple[Simulator, VCenter], stack_env: dict[str, str], redis_url: str,
+        log_dir: Path, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """Two producers read the same vCenter into two Redis servers with the same triggers on
     hosts, VMs and users: one pushes its filter down, one reads every event. Both route exactly
     the events each trigger names; the pushed-down one reads fewer."""
     sim, vcenter = peer
@@ -134,8 +135,9 @@ def test_data_triggers_route_exactly_the_matching_events_and_pushdown_reads_fewe
             {"exact": {"subject": "GeneralUserEvent", "data.UserName": "alice"}}]},
     ]
     env = {**stack_env, "VCENTER_URL": sim.url, "VEBAQ_CONFIG": config(tmp_path, "data", triggers)}
-    pushed_url, local_url = f"{redis_base}/9", f"{redis_base}/10"
-    redis.Redis.from_url(local_url).flushdb()
+    second = RedisServer(tmp_path / "redis-local")  # a lease per Redis: both producers read
+    request.addfinalizer(second.stop)
+    pushed_url, local_url = redis_url, second.url()
     ports = free_port(), free_port()
     pushed = producer({**env, "VEBAQ_BROKER_URL": pushed_url}, log_dir, "pushed", ports[0])
     local = producer({**env, "VEBAQ_BROKER_URL": local_url, "VCENTER_PUSHDOWN": "false"},
