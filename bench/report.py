@@ -170,6 +170,11 @@ def rows(results: dict[str, Any]) -> list[Row]:
                 f"{sum(c['duplicates'] for c in http['checks'])}",
                 f"{sum(c['sent'] for c in http['checks']):,} events sent", "", "0 / 0"),
         ]
+    scrubbing = sections.get("scrub") or {}
+    for name, case in (scrubbing.get("cases") or {}).items():
+        out.append(Row("scrub", f"scrub 1 MiB, {name} (ms)", _num(_median(case["scrub_ms"]), 1),
+                       f"str.replace floor {_num(_median(case['floor_ms']), 1)}",
+                       _ratio(_median(case["ratio_scrub_to_floor"]))))
     routing = sections.get("routing") or {}
     if "us_per_event" in routing:
         per = routing["us_per_event"]

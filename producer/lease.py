@@ -19,7 +19,7 @@ import uuid
 import redis
 
 from vebaq.core import keys
-from vebaq.core.redisdb import Script
+from vebaq.core.redisdb import Script, explain_redis_error
 
 logger = logging.getLogger("vebaq.producer")
 
@@ -73,7 +73,8 @@ class Lease:
             ok = bool(_RENEW(self.redis, keys=[self.key], args=[self.holder, int(self.ttl * 1000)]))
         except redis.RedisError as exc:
             # Cannot tell: keep going until the lease would have expired anyway.
-            logger.warning("cannot renew the producer lease: %s", exc)
+            logger.warning("cannot renew the producer lease: %s",
+                           explain_redis_error(exc, self.redis))
             return self.held.is_set()
         if not ok:
             self.held.clear()

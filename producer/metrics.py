@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import threading
 import time
@@ -16,6 +17,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from producer.reader import EventReader, Stall
 from vebaq.core import deadletters, retrystore
 from vebaq.core.archive import Archive
+from vebaq.core.errors import ConfigError
 
 #: ``/healthz`` fails when the main loop has not come round for this many seconds.
 STALL_SECONDS = 120
@@ -209,7 +211,8 @@ def _per_label(counter: Counter, label: str) -> dict[str, int]:
 
 
 def serve(metrics: ProducerMetrics, port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer:
-    """Serve ``/metrics``, ``/stats`` and ``/healthz`` on a daemon thread."""
+    """Serve ``/metrics``, ``/stats`` and ``/healthz`` on a daemon thread; a port that cannot
+    be opened (taken, privileged) raises :class:`ConfigError` saying so."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - http.server's naming
@@ -232,6 +235,13 @@ def serve(metrics: ProducerMetrics, port: int, host: str = "0.0.0.0") -> Threadi
         def log_message(self, *args: object) -> None:  # keep probes out of the logs
             pass
 
-    server = ThreadingHTTPServer((host, port), Handler)
+    try:
+        server = ThreadingHTTPServer((host, port), Handler)
+    except OSError as exc:
+        reason = {errno.EADDRINUSE: "is in use", errno.EACCES: "needs privileges (use one ≥ 1024)",
+                  errno.EADDRNOTAVAIL: f"cannot be bound on {host}"}.get(
+                      exc.errno, f"cannot be opened ({exc.strerror or exc})")
+        raise ConfigError(f"metrics port {port} {reason}: set --metrics-port or "
+                          f"VEBAQ_METRICS_PORT to a free port (0 disables it)") from None
     threading.Thread(target=server.serve_forever, name="vebaq-metrics", daemon=True).start()
     return server

@@ -16,6 +16,7 @@ from celery import Celery
 from kombu.exceptions import KombuError, OperationalError
 from pyVmomi import vim
 
+from producer import unconverted
 from producer.checkpoint import OVERLAP, CheckpointStore, LeaseLost
 from producer.cloudevent import MalformedEvent, subject_of, to_cloudevent
 from producer.lease import Lease
@@ -33,7 +34,8 @@ from vebaq.core.envelope import to_structured
 from vebaq.core.errors import BrokerError, VCenterError, one_line
 from vebaq.core.messages import TaskMessage
 from vebaq.core.publish import Publisher
-from vebaq.core.redisdb import client
+from vebaq.core.redisdb import check as check_redis
+from vebaq.core.redisdb import client, explain_redis_error, out_of_memory
 from vebaq.core.routing import matching
 from vebaq.core.secrets import redact_url, scrub
 from vebaq.core.throttle import BATCHED, DROP, FIRED, PASS, Batch, Candidate, ThrottleStore
@@ -64,6 +66,8 @@ class ReadEvent:
 
 #: Errors that mean "Redis did not take the batch": keep it and try again.
 BROKER_ERRORS = (OperationalError, KombuError, redis.RedisError, ConnectionError, OSError)
+#: Errors that come from Redis only (not from vCenter's sockets).
+REDIS_ERRORS = (OperationalError, KombuError, redis.RedisError)
 
 
 #: Polls stay at the poll interval until no event came for this many seconds; only then do
@@ -162,14 +166,7 @@ class ProducerService:
     # --- start-up: every failure here is one clear line and a non-zero exit
 
     def check_broker(self) -> None:
-        try:
-            self.redis.ping()
-        except redis.AuthenticationError:
-            raise BrokerError(f"Redis at {redact_url(self.settings.broker_url)} refused the "
-                              f"password") from None
-        except redis.RedisError as exc:
-            raise BrokerError(f"cannot reach Redis at {redact_url(self.settings.broker_url)}: "
-                              f"{scrub(str(exc), self.settings.secrets())}") from None
+        check_redis(self.settings.broker_url, self.settings.secrets())
 
     def wait_for_lease(self) -> bool:
         """Stand by until this producer holds the lease for its vCenter; False if stopped."""
@@ -215,12 +212,12 @@ class ProducerService:
         self._start_notifier()
         self.key_epoch = self.store.key_epoch()
         self._check_key_regression(checkpoint.key if checkpoint else None)
+        self.publisher.declare({t.pool for t in self.settings.triggers})
         where = (f"checkpoint: event {checkpoint.key} of {checkpoint.created.isoformat()}"
                  if checkpoint else "no checkpoint: new events only")
         logger.info("reading vCenter %s (instance %s) from %s (%s); enqueueing to %s",
                     self.session.url, self.session.instance_uuid, begin.isoformat(), where,
                     redact_url(self.settings.broker_url))
-        self.publisher.declare({t.pool for t in self.settings.triggers})
 
     def _check_key_regression(self, last_key: int | None) -> None:
         """A vCenter restored from a backup (or a restarted simulator) numbers its events anew:
@@ -243,15 +240,26 @@ class ProducerService:
         self.check_broker()
         try:
             while not self.stop.is_set():
-                if not self.wait_for_lease():
-                    break
                 try:
-                    self.start()
-                    self._poll_until_stopped_or_lease_lost()
-                finally:
-                    self.shutdown()
+                    if not self.wait_for_lease():
+                        break
+                    polling = False
+                    try:
+                        self.start()
+                        polling = True
+                        self._poll_until_stopped_or_lease_lost()
+                    finally:
+                        self.shutdown(quiet=not polling)
+                except REDIS_ERRORS as exc:  # taking the lease or starting: nothing to keep
+                    detail = self._explain(exc)
+                    raise BrokerError(detail if out_of_memory(exc) else
+                                      f"Redis at {redact_url(self.settings.broker_url)}: "
+                                      f"{detail}") from None
         finally:
             self.lease.release()
+
+    def _explain(self, error: BaseException) -> str:
+        return scrub(explain_redis_error(error, self.redis), self.settings.secrets())
 
     def _poll_until_stopped_or_lease_lost(self) -> None:
         vc = self.settings.vcenter
@@ -394,7 +402,7 @@ class ProducerService:
             self.throttle.settle((), batches)
         except BROKER_ERRORS as exc:
             logger.warning("throttle: could not send the batches due (%s); trying again",
-                           scrub(str(exc), self.settings.secrets()))
+                           self._explain(exc))
             return
         self._count_held([], batches)
         for batch in batches:
@@ -404,12 +412,18 @@ class ProducerService:
                               for b in batches))
 
     def _dead_letter_malformed(self, event: vim.event.Event, exc: Exception) -> None:
+        """Dead-letter an event that cannot be converted, replayably (see
+        :mod:`producer.unconverted`)."""
         self.metrics.malformed.inc()
-        logger.error("cannot convert %s (key %r): %s; dead-lettered", subject_of(event),
-                     getattr(event, "key", None), exc)
-        deadletters.add(self.redis, task_name=subject_of(event), pool=None, function="producer",
-                        event={"vcenter": self.session.url, "raw": str(event)[:20000]},
-                        error=exc, attempt=1)
+        kept = unconverted.dead_letter_event(
+            event, source=self.session.url, instance_uuid=self.session.instance_uuid,
+            api_version=self.session.api_version, key_epoch=self.key_epoch)
+        letter = deadletters.add(self.redis, task_name=subject_of(event), pool=None,
+                                 function=unconverted.FUNCTION, event=kept, error=exc, attempt=1)
+        logger.error("cannot convert %s (key %r): %s; dead letter %s%s", subject_of(event),
+                     getattr(event, "key", None), exc, letter,
+                     f" (not replayable: {kept['notReplayable']})" if "notReplayable" in kept
+                     else " (`vebaq dlq replay` converts it again)")
 
     def _publish(self, pending: list[ReadEvent]) -> bool:
         """Enqueue, archive, then commit the checkpoint; False (batch kept) if Redis failed."""
@@ -426,7 +440,7 @@ class ProducerService:
         except BROKER_ERRORS as exc:
             self.metrics.publish_errors.inc()
             logger.error("Redis did not take %d event(s), keeping them and retrying: %s",
-                         len(pending), scrub(str(exc), self.settings.secrets()))
+                         len(pending), self._explain(exc))
             return False
         for message in batch:
             self.metrics.published.labels(pool=message.pool).inc()
@@ -537,7 +551,9 @@ class ProducerService:
         if self.simulate is None and self.settings.vcenter.notifications and not gave_up:
             self.notifier = ChangeNotifier(self.session.content)
 
-    def shutdown(self) -> None:
+    def shutdown(self, quiet: bool = False) -> None:
+        """Close the notifier, the reader and the session; ``quiet``: a start that failed,
+        which its error line says alone."""
         if self.notifier is not None:
             self.notifier.close()
             self.notifier = None
@@ -547,4 +563,5 @@ class ProducerService:
         if self.session is not None:
             self.session.close()
             self.session = None
-        logger.info("producer stopped")
+        if not quiet:
+            logger.info("producer stopped")

@@ -95,6 +95,12 @@ def done(pool: str, function: str, event_id: str) -> str:
     return f"{PREFIX}:done:{pool}:{function}:{event_id}"
 
 
+def delivery(task_id: str) -> str:
+    """Hash: deliveries of one task message, the function running, interrupted runs per
+    function and the last exit status (the poison breaker, :mod:`workers.breaker`)."""
+    return f"{PREFIX}:delivery:{task_id}"
+
+
 def vrops_applied(vc_uuid: str, moref: str) -> str:
     """Hash with the latest maintenance event applied to one host in vROps."""
     return f"{PREFIX}:vrops:applied:{vc_uuid}:{moref}"
