@@ -175,6 +175,24 @@ def rows(results: dict[str, Any]) -> list[Row]:
         out.append(Row("scrub", f"scrub 1 MiB, {name} (ms)", _num(_median(case["scrub_ms"]), 1),
                        f"str.replace floor {_num(_median(case['floor_ms']), 1)}",
                        _ratio(_median(case["ratio_scrub_to_floor"]))))
+    routing = sections.get("routing") or {}
+    if "us_per_event" in routing:
+        per = routing["us_per_event"]
+        attributes = f"attributes only {_num(_median(per['attributes']), 1)}"
+        throttle = routing["throttle"]
+        out += [
+            Row("routing", f"{routing['triggers']} triggers with data filters (µs/event)",
+                _num(_median(per["data"]), 1), attributes,
+                _ratio(_median(routing["ratio_data_to_attributes"]))),
+            Row("routing", f"  {routing['triggers']} attribute triggers, compiled vs per-call "
+                "dispatch (µs/event)", _num(_median(per["attributes"]), 1),
+                f"dispatch {_num(_median(per['dispatching']), 1)}",
+                _ratio(_median(routing["ratio_compiled_to_dispatching"]))),
+            Row("routing", f"  throttle decision in Redis, batch of {throttle['events']} "
+                "(µs/event)", _num(_median(throttle["decide_us_per_event"]), 1),
+                f"enqueue {_num(_median(throttle['publish_us_per_event']), 1)}",
+                _ratio(_median(throttle["ratio_decide_to_publish"]))),
+        ]
     if push is not None:
         out += [Row("raw", f"LPUSH, pipelines of 500, {raw['message_bytes']:,} B msgs (msg/s)",
                     _num(push)),

@@ -122,6 +122,16 @@ class ProducerMetrics:
         self.poll_failures = Counter("vebaq_producer_vcenter_poll_failures",
                                      "Polls and logins of vCenter that failed (timeouts "
                                      "included)", registry=r)
+        self.throttled = Counter("vebaq_producer_throttled",
+                                 "Events a trigger's throttle suppressed (once_within, "
+                                 "once_after)", ["trigger"], registry=r)
+        self.batched = Counter("vebaq_producer_batched",
+                               "Events a trigger's throttle held for a batch", ["trigger"],
+                               registry=r)
+        self.batches = Counter("vebaq_producer_batches",
+                               "Batch tasks sent by throttled triggers", ["trigger"], registry=r)
+        #: The filter pushed down to vCenter, in words (``None``: every event is read).
+        self.pushdown: str | None = None
         self.started = time.time()
         self.heartbeat = time.time()
         self.connected = False
@@ -140,13 +150,19 @@ class ProducerMetrics:
 
     def stats(self) -> dict:
         """The VEBA router's ``/stats`` shape: per provider/processor counts."""
-        published = {s.labels["pool"]: int(s.value) for m in self.published.collect()
-                     for s in m.samples if s.name.endswith("_total")}
+        published = _per_label(self.published, "pool")
+        throttled: dict[str, dict[str, int]] = {}
+        for kind, counter in (("suppressed", self.throttled), ("batched", self.batched),
+                              ("batches", self.batches)):
+            for trigger, count in _per_label(counter, "trigger").items():
+                throttled.setdefault(trigger, {"suppressed": 0, "batched": 0, "batches": 0})
+                throttled[trigger][kind] = count
         return {
             "vcenter": {"started": self.started, "events_read": int(self.events_read._value.get()),
-                        "connected": self.connected},
+                        "connected": self.connected, "pushdown": self.pushdown},
             "celery": {"started": self.started, "published_per_pool": published,
                        "publish_errors": int(self.publish_errors._value.get())},
+            "throttled": throttled,
         }
 
     def polled(self, reader: EventReader, events: int) -> None:
@@ -187,6 +203,11 @@ class ProducerMetrics:
     def healthy(self) -> bool:
         """Logged in to vCenter (or standing by for another producer), polling, caught up."""
         return self.problem() is None
+
+
+def _per_label(counter: Counter, label: str) -> dict[str, int]:
+    return {s.labels[label]: int(s.value) for m in counter.collect() for s in m.samples
+            if s.name.endswith("_total")}
 
 
 def serve(metrics: ProducerMetrics, port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer:

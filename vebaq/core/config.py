@@ -17,6 +17,7 @@ The file is modelled on the VEBA router config; every key is optional::
       pageSize: 1000
       requestTimeout: 20s           # one SOAP call; a hung vCenter counts as down after this
       notifications: true           # wake on vCenter's change notifications between polls
+      pushdown: true                # vCenter sends only events some trigger may match
       checkpoint: {maxAge: 1h}
     archive:                        # every event, kept for `vebaq replay` (vebaq.core.archive)
       enabled: true
@@ -62,7 +63,7 @@ import yaml
 
 from vebaq.core.done import DONE_TTL
 from vebaq.core.errors import ConfigError, one_line
-from vebaq.core.routing import DEFAULT_TRIGGERS, Trigger, parse_filter
+from vebaq.core.routing import DEFAULT_TRIGGERS, Trigger, parse_filter, parse_throttle
 from vebaq.core.secrets import Secret, redact_url
 
 #: Where the broker is when nothing says otherwise (the Redis a developer runs locally).
@@ -184,6 +185,9 @@ class VCenterSettings:
     #: (``WaitForUpdatesEx``) and read at once when it fires; the poll interval stays the
     #: upper bound. False: poll only.
     notifications: bool = True
+    #: Ask vCenter for only the events some trigger could match (an ``EventFilterSpec`` derived
+    #: from the triggers, :mod:`producer.pushdown`); False: read every event, route locally.
+    pushdown: bool = True
     #: On restart, never replay events older than this many seconds.
     checkpoint_max_age: float = 3600.0
 
@@ -492,6 +496,7 @@ _VCENTER = {
     "pageSize": ("page_size", _positive_int),
     "requestTimeout": ("request_timeout", parse_duration),
     "notifications": ("notifications", _boolean),
+    "pushdown": ("pushdown", _boolean),
 }
 _VROPS = {
     "url": ("url", _string),
@@ -629,6 +634,7 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "VCENTER_POLL_INTERVAL": ("vcenter", "pollInterval"),
     "VCENTER_REQUEST_TIMEOUT": ("vcenter", "requestTimeout"),
     "VCENTER_NOTIFICATIONS": ("vcenter", "notifications"),
+    "VCENTER_PUSHDOWN": ("vcenter", "pushdown"),
     "VEBAQ_ARCHIVE": ("archive", "enabled"),
     "VEBAQ_ARCHIVE_MAX_AGE": ("archive", "maxAge"),
     "VEBAQ_ARCHIVE_MAX_ENTRIES": ("archive", "maxEntries"),
@@ -674,10 +680,10 @@ def _parse_triggers(raw: Any) -> tuple[Trigger, ...]:
         path = f"triggers[{i}]"
         if not isinstance(item, Mapping):
             raise ConfigError(f"{path}: expected a mapping with name, pool and filters")
-        unknown = set(item) - {"name", "pool", "filters"}
+        unknown = set(item) - {"name", "pool", "filters", "throttle"}
         if unknown:
             raise ConfigError(f"{path}.{sorted(unknown)[0]}: unknown key "
-                              f"(expected name, pool, filters)")
+                              f"(expected name, pool, filters, throttle)")
         if "pool" not in item:
             raise ConfigError(f"{path}.pool: missing (the worker pool that gets these events)")
         pool = _string(item["pool"], f"{path}.pool")
@@ -687,7 +693,15 @@ def _parse_triggers(raw: Any) -> tuple[Trigger, ...]:
         triggers.append(Trigger(
             name=_string(item.get("name", pool), f"{path}.name"), pool=pool,
             filters=tuple(parse_filter(f, f"{path}.filters[{j}]") for j, f in enumerate(filters)),
+            throttle=(parse_throttle(item["throttle"], f"{path}.throttle", parse_duration)
+                      if item.get("throttle") is not None else None),
         ))
+    names = [t.name for t in triggers]
+    for i, trigger in enumerate(triggers):
+        if trigger.throttle is not None and names.count(trigger.name) > 1:
+            # The throttle's state in Redis is kept under the trigger's name.
+            raise ConfigError(f"triggers[{i}].name: {trigger.name!r} is used by another "
+                              f"trigger; a throttled trigger needs a name of its own")
     return tuple(triggers)
 
 
