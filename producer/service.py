@@ -277,7 +277,7 @@ class ProducerService:
                     event, source=self.session.url, instance_uuid=self.session.instance_uuid,
                     api_version=self.session.api_version, type_style=self.settings.cloudevent_type,
                     key_epoch=self.key_epoch)
-                structured = to_structured(cloudevent)
+                structured = to_structured(cloudevent, json_data=True)
             except (MalformedEvent, ValueError, TypeError) as exc:
                 self._dead_letter_malformed(event, exc)
                 continue
