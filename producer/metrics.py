@@ -10,9 +10,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import redis
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from producer import vcenter
 from producer.reader import EventReader, Stall
 from vebaq.core import deadletters, retrystore
 from vebaq.core.archive import Archive
@@ -76,6 +77,19 @@ class QueueStateCollector:
         yield from (length, size, age)
 
 
+class VCenterCallsCollector:
+    """SOAP calls to vCenter per method, read at scrape time from :data:`producer.vcenter.CALLS`
+    (process-wide: one producer per process)."""
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        calls = CounterMetricFamily("vebaq_producer_vcenter_calls",
+                                    "SOAP calls to vCenter, per method (property reads: Fetch)",
+                                    labels=["method"])
+        for method, count in sorted(vcenter.CALLS.items()):
+            calls.add_metric([method], count)
+        yield calls
+
+
 class ProducerMetrics:
     """Counters and gauges of one producer process (own registry: tests run several)."""
 
@@ -120,6 +134,7 @@ class ProducerMetrics:
         self.poll_failures = Counter("vebaq_producer_vcenter_poll_failures",
                                      "Polls and logins of vCenter that failed (timeouts "
                                      "included)", registry=r)
+        r.register(VCenterCallsCollector())
         self.started = time.time()
         self.heartbeat = time.time()
         self.connected = False
