@@ -9,10 +9,6 @@ from dataclasses import dataclass
 #: database 13: other databases of the shared server belong to others (tests use 9).
 REDIS_URL = os.environ.get("VEBAQ_BENCH_REDIS_URL", "redis://127.0.0.1:6379/13")
 
-#: govmomi's simulator keeps the newest 1,000 events (see the vcsim notes): the largest backlog
-#: it can replay.
-VCSIM_RING = 1000
-
 #: The walkthrough's vROps handler made this many HTTP calls per maintenance event.
 WALKTHROUGH_VROPS_CALLS = 4
 
@@ -24,6 +20,8 @@ VROPS_LATENCY = 0.05
 class Profile:
     """Sizes of one run; every figure is the median of :attr:`repeats` runs.
 
+    :param drain_events: events waiting in the simulator for the producer drain (the test peer
+        keeps 100,000 and pages forward, as vCenter does).
     :param backlog: events of the simulated backlog drained in a subprocess.
     :param worker_tasks: messages preloaded per worker-throughput run.
     :param raw_messages: messages pushed and popped per raw-Redis run.
@@ -41,6 +39,7 @@ class Profile:
 
     name: str
     repeats: int
+    drain_events: int
     backlog: int
     worker_tasks: int
     raw_messages: int
@@ -62,14 +61,16 @@ class Profile:
 
 
 FULL = Profile(
-    name="full", repeats=3, backlog=100_000, worker_tasks=1500, raw_messages=20_000,
+    name="full", repeats=3, drain_events=5_000, backlog=100_000, worker_tasks=1500,
+    raw_messages=20_000,
     latency_intervals=(0.5, 1.0), latency_without_backoff=(0.5,), idle_seconds=12.0,
     load_seconds=5.0, vrops_events=300,
     vrops_models=(("prefork", 4), ("threads", 4), ("threads", 8)), http_events=2000,
 )
 
 QUICK = Profile(
-    name="quick", repeats=3, backlog=5_000, worker_tasks=250, raw_messages=5_000,
+    name="quick", repeats=3, drain_events=1_001, backlog=5_000, worker_tasks=250,
+    raw_messages=5_000,
     latency_intervals=(0.5,), latency_without_backoff=(), idle_seconds=4.0, load_seconds=2.0,
     vrops_events=60,
     vrops_models=(("prefork", 4), ("threads", 4)), archive_events=3_000, http_events=300,

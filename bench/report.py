@@ -74,6 +74,12 @@ def rows(results: dict[str, Any]) -> list[Row]:
                 _num(_median(drain["tasks_per_s"])), f"raw push {_num(push)}",
                 _ratio(ratio(_median(drain["tasks_per_s"]), push))),
         ]
+    if "publish_per_s" in raw:
+        r = _median(raw["ratio_publish_to_push"])
+        out.append(Row("producer", f"Publisher.publish alone, {raw['messages']:,} tasks"
+                       f"{', task-sent events on' if raw.get('task_sent_events') else ''} "
+                       "(tasks/s)", _num(_median(raw["publish_per_s"])), f"raw push {_num(push)}",
+                       _ratio(r), f"≥ 0.15{_met(r is not None and r >= 0.15)}"))
     backlog = sections.get("backlog") or {}
     if "events_per_s" in backlog:
         rates, peak = backlog["events_per_s"], backlog["peak_rss_mib"]
