@@ -264,7 +264,8 @@ class ProducerService:
                 self.stop.wait(interval)
                 continue
             try:
-                self.notifier.wait(interval, self.stop)
+                self.notifier.wait(interval, self.stop, known=self.reader.known,
+                                   quiet_limit=vc.max_poll_interval)
             except SESSION_LOST + CONNECTION_LOST as exc:
                 self.metrics.poll_failed(exc)
                 self._reconnect(exc)
