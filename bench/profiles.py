@@ -29,6 +29,8 @@ class Profile:
     :param latency_without_backoff: intervals measured once more with ``maxPollInterval`` equal
         to the poll interval (no idle back-off), to tell the back-off's share of the latency.
     :param idle_seconds: seconds of posting at :attr:`idle_rate` per latency repeat.
+    :param quiet_seconds: seconds of posting nothing after a latency run's repeats (vCenter
+        calls per minute when quiet; under the producer's 30 s before it backs off).
     :param load_seconds: seconds of posting at :attr:`load_rate` per latency repeat.
     :param vrops_events: maintenance events per vROps repeat.
     :param vrops_models: ``(pool implementation, concurrency)`` pairs of the vrops worker.
@@ -47,6 +49,7 @@ class Profile:
     latency_without_backoff: tuple[float, ...]
     idle_seconds: float
     load_seconds: float
+    quiet_seconds: float
     vrops_events: int
     vrops_models: tuple[tuple[str, int], ...]
     archive_events: int = 20_000
@@ -63,15 +66,15 @@ class Profile:
 FULL = Profile(
     name="full", repeats=3, drain_events=5_000, backlog=100_000, worker_tasks=1500,
     raw_messages=20_000,
-    latency_intervals=(0.5, 1.0), latency_without_backoff=(0.5,), idle_seconds=12.0,
-    load_seconds=5.0, vrops_events=300,
+    latency_intervals=(0.5, 1.0), latency_without_backoff=(), idle_seconds=12.0,
+    load_seconds=5.0, quiet_seconds=20.0, vrops_events=300,
     vrops_models=(("prefork", 4), ("threads", 4), ("threads", 8)), http_events=2000,
 )
 
 QUICK = Profile(
     name="quick", repeats=3, drain_events=1_001, backlog=5_000, worker_tasks=250,
     raw_messages=5_000,
-    latency_intervals=(0.5,), latency_without_backoff=(), idle_seconds=4.0, load_seconds=2.0,
-    vrops_events=60,
+    latency_intervals=(1.0,), latency_without_backoff=(), idle_seconds=4.0, load_seconds=2.0,
+    quiet_seconds=10.0, vrops_events=60,
     vrops_models=(("prefork", 4), ("threads", 4)), archive_events=3_000, http_events=300,
 )
