@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -312,8 +313,8 @@ class ProducerService:
             logger.error("Redis did not take %d event(s), keeping them and retrying: %s",
                          len(pending), scrub(str(exc), self.settings.secrets()))
             return False
-        for message in batch:
-            self.metrics.published.labels(pool=message.pool).inc()
+        for pool, count in Counter(message.pool for message in batch).items():
+            self.metrics.published.labels(pool=pool).inc(count)
         self._settle(pending)
         self.reader.confirmed([item.key for item in pending], checkpoint.created - OVERLAP)
         self.metrics.checkpoint_time.set(checkpoint.updated)

@@ -235,12 +235,14 @@ class RedisWire:
             encoded = event_json.get(id(event))
             if encoded is None:
                 encoded = event_json[id(event)] = dumps(event)
+            pool = message.pool
             kwargs = message.kwargs()
             del kwargs["event"]
-            pool = message.pool
+            # {"pool": …} alone (a first delivery) is most messages: no encoder needed for it.
+            rest = f'"pool": {q(pool)}}}' if len(kwargs) == 1 else dumps(kwargs)[1:]
             values = {**fixed, "id": q(message.task_id), "name": q(message.subject),
                       "pool": q(pool), "kwargsrepr": q(message.summary()),
-                      "body": q(_b64(f'[[], {{"event": {encoded}, {dumps(kwargs)[1:]}{_EMBED}')),
+                      "body": q(_b64(f'[[], {{"event": {encoded}, {rest}{_EMBED}')),
                       "tag": q(_tag())}
             queues.setdefault(channel._q_for_pri(pool, 0), []).append(task.fill(values))
             if sent_events:
