@@ -299,9 +299,10 @@ class ProducerService:
     def _publish(self, pending: list[ReadEvent]) -> bool:
         """Enqueue, archive, then commit the checkpoint; False (batch kept) if Redis failed."""
         batch = [message for item in pending for message in item.messages]
+        encoded: dict[int, str] = {}  # each event's JSON, from the publisher to the archive
         try:
-            self.publisher.publish(batch)
-            self._archive(pending)
+            self.publisher.publish(batch, encoded=encoded)
+            self._archive(pending, encoded)
             checkpoint = self.store.commit([(item.key, item.created) for item in pending],
                                            self.reader.floor, fence=self.lease)
         except LeaseLost:
@@ -324,7 +325,7 @@ class ProducerService:
                     len(pending), pending[0].key, pending[-1].key, len(batch), checkpoint.key)
         return True
 
-    def _archive(self, pending: list[ReadEvent]) -> None:
+    def _archive(self, pending: list[ReadEvent], encoded: dict[int, str] | None = None) -> None:
         """Archive the enqueued batch. Connection errors propagate (the batch is kept and sent
         again, the archive skips what it already has); Redis refusing the append does not stop
         the checkpoint: the events are enqueued, only their copy is missing, which is said."""
@@ -332,7 +333,8 @@ class ProducerService:
             return
         events = [(item.event, item.created) for item in pending if item.event is not None]
         try:
-            result = self.archive.append(self.session.instance_uuid, self.session.url, events)
+            result = self.archive.append(self.session.instance_uuid, self.session.url, events,
+                                         encoded=encoded)
         except redis.ResponseError as exc:
             self.metrics.archive_skipped.labels(reason="error").inc(len(events))
             logger.error("archive: %d enqueued event(s) not archived: Redis refused: %s",

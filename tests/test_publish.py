@@ -277,3 +277,13 @@ def test_flower_lists_the_tasks_with_their_queue(app: Celery, stack_env: dict[st
         flower.stop()
     assert {(tid, t["name"], t["routing_key"]) for tid, t in tasks.items()} == {
         (m.task_id, m.subject, m.pool) for m in messages}
+
+
+def test_the_event_texts_it_encoded_are_what_the_archive_stores(app: Celery) -> None:
+    messages = variety()
+    encoded: dict[int, str] = {}
+    Publisher(app).publish(messages, encoded=encoded)
+    events = {id(m.event): m.event for m in messages}
+    assert set(encoded) == set(events)  # the shared event once
+    for key, text in encoded.items():
+        assert text == json.dumps(events[key], separators=(",", ":"), ensure_ascii=False)

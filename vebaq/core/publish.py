@@ -12,8 +12,10 @@ connection:
 * with ``broker.taskSentEvents`` on (Flower needs them for each task's queue), a ``task-sent``
   event in the same envelope, ``PUBLISH``\\ ed on the event exchange's topic as kombu's fanout
   would (``/<db>.celeryev/task.sent``);
-* the event's JSON once per event, however many pools' messages carry it, spliced into each
-  body; one multi-value ``LPUSH`` per queue and pipeline.
+* the event's JSON once per event (compact, UTF-8: :func:`event_json`), however many pools'
+  messages carry it, spliced into each body; the caller may keep those texts (``encoded``)
+  for the archive, which stores the same JSON; one multi-value ``LPUSH`` per queue and
+  pipeline.
 
 :meth:`Publisher.publish` returns only after Redis answered for every message: that is the
 confirmation a checkpoint (or a released retry, or a removed dead letter) waits for. Batches are
@@ -69,6 +71,10 @@ COMMANDS_PER_MESSAGE = 3
 #: kombu's JSON encoder (its ``dumps`` makes one per call): plain JSON types as the standard
 #: library writes them, and kombu's encodings of dates, UUIDs and decimals, which workers decode.
 dumps = JSONEncoder().encode
+
+#: An event's JSON in a body and in the archive: compact, UTF-8 (the body is base64 of UTF-8
+#: bytes), kombu's encodings for what plain JSON lacks.
+event_json = JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 #: The routing key of Celery's task-sent events on the event exchange.
 TASK_SENT_ROUTING_KEY = "task.sent"
@@ -205,13 +211,15 @@ class RedisWire:
         return cls(app, channel, delivery_mode)
 
     def send(self, channel: kombu_redis.Channel, messages: Sequence[TaskMessage],
-             atomic: bool) -> None:
-        """Send ``messages``; raises redis errors if Redis did not take them all."""
+             atomic: bool, encoded: dict[int, str] | None = None) -> None:
+        """Send ``messages``; raises redis errors if Redis did not take them all.
+
+        :param encoded: ``id(event)`` → its :func:`event_json`, used and filled."""
         chunk = len(messages) if atomic else PIPELINE_SIZE
         with channel.conn_or_acquire() as client:
             for start in range(0, len(messages), chunk):
                 pipe = client.pipeline(transaction=atomic)
-                queues, events = self.encode(channel, messages[start:start + chunk])
+                queues, events = self.encode(channel, messages[start:start + chunk], encoded)
                 for queue, payloads in queues.items():
                     pipe.lpush(queue, *payloads)
                 for payload in events:
@@ -219,9 +227,10 @@ class RedisWire:
                         pipe.publish(topic, payload)
                 pipe.execute()
 
-    def encode(self, channel: kombu_redis.Channel,
-               messages: Sequence[TaskMessage]) -> tuple[dict[str, list[str]], list[str]]:
-        """The messages' envelopes by queue list (in order) and their task-sent events."""
+    def encode(self, channel: kombu_redis.Channel, messages: Sequence[TaskMessage],
+               encoded: dict[int, str] | None = None) -> tuple[dict[str, list[str]], list[str]]:
+        """The messages' envelopes by queue list (in order) and their task-sent events
+        (``encoded``: as for :meth:`send`)."""
         q = encode_basestring_ascii
         fixed = {"origin": q(anon_nodename()), "reply_to": q(self.app.thread_oid),
                  "pid": str(os.getpid()), "utcoffset": dumps(utcoffset())}
@@ -229,12 +238,12 @@ class RedisWire:
         task, sent, sent_body = self.task, self.sent, self.sent_body
         queues: dict[str, list[str]] = {}
         events: list[str] = []
-        event_json: dict[int, str] = {}  # id(event) → its JSON, once per event
+        texts: dict[int, str] = {} if encoded is None else encoded  # once per event
         for message in messages:
             event = message.event
-            encoded = event_json.get(id(event))
-            if encoded is None:
-                encoded = event_json[id(event)] = dumps(event)
+            text = texts.get(id(event))
+            if text is None:
+                text = texts[id(event)] = event_json(event)
             pool = message.pool
             kwargs = message.kwargs()
             del kwargs["event"]
@@ -242,7 +251,7 @@ class RedisWire:
             rest = f'"pool": {q(pool)}}}' if len(kwargs) == 1 else dumps(kwargs)[1:]
             values = {**fixed, "id": q(message.task_id), "name": q(message.subject),
                       "pool": q(pool), "kwargsrepr": q(message.summary()),
-                      "body": q(_b64(f'[[], {{"event": {encoded}, {rest}{_EMBED}')),
+                      "body": q(_b64(f'[[], {{"event": {text}, {rest}{_EMBED}')),
                       "tag": q(_tag())}
             queues.setdefault(channel._q_for_pri(pool, 0), []).append(task.fill(values))
             if sent_events:
@@ -289,7 +298,8 @@ class Publisher:
                 queue_for(pool)(channel).declare()
                 self._declared.add(pool)
 
-    def publish(self, messages: Sequence[TaskMessage], atomic: bool = False) -> int:
+    def publish(self, messages: Sequence[TaskMessage], atomic: bool = False,
+                encoded: dict[int, str] | None = None) -> int:
         """Enqueue every message; returns how many were sent.
 
         Raises kombu/redis errors if Redis did not take them all; the caller keeps the batch and
@@ -297,6 +307,9 @@ class Publisher:
 
         :param atomic: send the batch as one Redis transaction: on an error Redis took none of
             it (the batch must fit in memory; ``vebaq ingress`` bounds it by its request size).
+        :param encoded: filled with ``id(event)`` → the event's :func:`event_json` (what the
+            archive stores), for events the fast path encoded; the caller keeps the events
+            alive while it uses it.
         """
         if not messages:
             return 0
@@ -305,7 +318,7 @@ class Publisher:
             channel = producer.channel
             wire = self._wire_for(channel)
             if wire is not None and not self._needs_celery(channel, messages):
-                wire.send(channel, messages, atomic)
+                wire.send(channel, messages, atomic, encoded)
             else:
                 self._send_tasks(producer, messages, atomic)
         return len(messages)
