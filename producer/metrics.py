@@ -11,9 +11,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import redis
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from producer import vcenter
 from producer.reader import EventReader, Stall
 from vebaq.core import deadletters, retrystore
 from vebaq.core.archive import Archive
@@ -78,6 +79,19 @@ class QueueStateCollector:
         yield from (length, size, age)
 
 
+class VCenterCallsCollector:
+    """SOAP calls to vCenter per method, read at scrape time from :data:`producer.vcenter.CALLS`
+    (process-wide: one producer per process)."""
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        calls = CounterMetricFamily("vebaq_producer_vcenter_calls",
+                                    "SOAP calls to vCenter, per method (property reads: Fetch)",
+                                    labels=["method"])
+        for method, count in sorted(vcenter.CALLS.items()):
+            calls.add_metric([method], count)
+        yield calls
+
+
 class ProducerMetrics:
     """Counters and gauges of one producer process (own registry: tests run several)."""
 
@@ -132,6 +146,7 @@ class ProducerMetrics:
                                "Batch tasks sent by throttled triggers", ["trigger"], registry=r)
         #: The filter pushed down to vCenter, in words (``None``: every event is read).
         self.pushdown: str | None = None
+        r.register(VCenterCallsCollector())
         self.started = time.time()
         self.heartbeat = time.time()
         self.connected = False

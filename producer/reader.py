@@ -218,6 +218,12 @@ class EventReader:
         """The highest key the reader is done with: read, or from before its start."""
         return max(self.seen.highest, self._baseline)
 
+    @property
+    def known(self) -> int:
+        """The highest event key this reader is done with (read and confirmed, or from before
+        its start); -1 for none."""
+        return self._known
+
     def close(self) -> None:
         """Destroy the collector (best effort: the session may be gone already)."""
         collector, self.collector = self.collector, None

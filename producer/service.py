@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -302,7 +303,8 @@ class ProducerService:
                 self.stop.wait(interval)
                 continue
             try:
-                self.notifier.wait(interval, self.stop)
+                self.notifier.wait(interval, self.stop, known=self.reader.known,
+                                   quiet_limit=vc.max_poll_interval)
             except SESSION_LOST + CONNECTION_LOST as exc:
                 self.metrics.poll_failed(exc)
                 self._reconnect(exc)
@@ -315,7 +317,7 @@ class ProducerService:
                     event, source=self.session.url, instance_uuid=self.session.instance_uuid,
                     api_version=self.session.api_version, type_style=self.settings.cloudevent_type,
                     key_epoch=self.key_epoch)
-                structured = to_structured(cloudevent)
+                structured = to_structured(cloudevent, json_data=True)
             except (MalformedEvent, ValueError, TypeError) as exc:
                 self._dead_letter_malformed(event, exc)
                 continue
@@ -427,10 +429,11 @@ class ProducerService:
 
     def _publish(self, pending: list[ReadEvent]) -> bool:
         """Enqueue, archive, then commit the checkpoint; False (batch kept) if Redis failed."""
+        encoded: dict[int, str] = {}  # each event's JSON, from the publisher to the archive
         try:
             batch, batches, held = self._throttled(pending)
-            self.publisher.publish(batch)
-            self._archive(pending)
+            self.publisher.publish(batch, encoded=encoded)
+            self._archive(pending, encoded)
             checkpoint = self.store.commit([(item.key, item.created) for item in pending],
                                            self.reader.floor, fence=self.lease)
         except LeaseLost:
@@ -442,8 +445,8 @@ class ProducerService:
             logger.error("Redis did not take %d event(s), keeping them and retrying: %s",
                          len(pending), self._explain(exc))
             return False
-        for message in batch:
-            self.metrics.published.labels(pool=message.pool).inc()
+        for pool, count in Counter(message.pool for message in batch).items():
+            self.metrics.published.labels(pool=pool).inc(count)
         self._count_held(held, batches)
         self._settle(pending, batches)
         self.reader.confirmed([item.key for item in pending], checkpoint.created - OVERLAP)
@@ -454,7 +457,7 @@ class ProducerService:
                     len(pending), pending[0].key, pending[-1].key, len(batch), checkpoint.key)
         return True
 
-    def _archive(self, pending: list[ReadEvent]) -> None:
+    def _archive(self, pending: list[ReadEvent], encoded: dict[int, str] | None = None) -> None:
         """Archive the enqueued batch. Connection errors propagate (the batch is kept and sent
         again, the archive skips what it already has); Redis refusing the append does not stop
         the checkpoint: the events are enqueued, only their copy is missing, which is said."""
@@ -462,7 +465,8 @@ class ProducerService:
             return
         events = [(item.event, item.created) for item in pending if item.event is not None]
         try:
-            result = self.archive.append(self.session.instance_uuid, self.session.url, events)
+            result = self.archive.append(self.session.instance_uuid, self.session.url, events,
+                                         encoded=encoded)
         except redis.ResponseError as exc:
             self.metrics.archive_skipped.labels(reason="error").inc(len(events))
             logger.error("archive: %d enqueued event(s) not archived: Redis refused: %s",
