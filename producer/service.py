@@ -1,5 +1,9 @@
-"""The producer loop: read new vCenter events, convert, enqueue, archive, then advance the
-checkpoint (the archive's guarantee is in :mod:`vebaq.core.archive`)."""
+"""The producer loop of one vCenter: read new events, convert, enqueue, archive, then advance
+the checkpoint (the archive's guarantee is in :mod:`vebaq.core.archive`).
+
+A :class:`ProducerService` reads one vCenter while its lease is held; the
+:mod:`producer.supervisor` takes the leases and runs one service per vCenter in a thread of its
+own, so that a vCenter that is down, slow or hung holds up only its own thread."""
 
 from __future__ import annotations
 
@@ -16,18 +20,18 @@ from pyVmomi import vim
 
 from producer.checkpoint import OVERLAP, CheckpointStore, LeaseLost
 from producer.cloudevent import MalformedEvent, subject_of, to_cloudevent
-from producer.lease import Lease
-from producer.metrics import ProducerMetrics
+from producer.lease import Lease, vcenter_scope
+from producer.metrics import ProducerMetrics, VCenterMetrics
 from producer.notifications import ChangeNotifier
 from producer.reader import EventReader, SeenKeys
-from producer.simulated import SimulatedReader, SimulatedSession
+from producer.simulated import SIMULATED_URL, SimulatedReader, SimulatedSession
 from producer.vcenter import CONNECTION_LOST, SESSION_LOST, Session, connect
-from vebaq.core import deadletters, progress
+from vebaq.core import deadletters, keys, progress
 from vebaq.core.archive import HIGH_WATER, Archive
 from vebaq.core.broker import sender_app
-from vebaq.core.config import Settings
+from vebaq.core.config import Settings, VCenterSettings
 from vebaq.core.envelope import to_structured
-from vebaq.core.errors import BrokerError, VCenterError, one_line
+from vebaq.core.errors import LoginRefused, VCenterError, one_line
 from vebaq.core.messages import TaskMessage
 from vebaq.core.publish import Publisher
 from vebaq.core.redisdb import client
@@ -38,6 +42,10 @@ logger = logging.getLogger("vebaq.producer")
 
 #: Longest wait between attempts to reach vCenter or Redis again.
 MAX_RECONNECT_DELAY = 30.0
+
+#: Shortest wait before logging in again after vCenter refused the user name or password: SSO's
+#: default lockout policy locks an account after 5 failed logins within 3 minutes.
+LOGIN_REFUSED_DELAY = 120.0
 
 
 @dataclass(frozen=True)
@@ -105,33 +113,42 @@ class CatchUp:
 
 
 class ProducerService:
-    """Runs until :attr:`stop` is set.
+    """Reads one vCenter while its lease is held, until :attr:`stop` is set.
 
     :param settings: the loaded configuration.
     :param app: the Celery app to publish with (a sender app for the settings by default).
+    :param metrics: this vCenter's metrics (of a process-wide
+        :class:`~producer.metrics.ProducerMetrics`; a registry of its own by default).
     :param simulate: read the built-in simulated source instead of vCenter, with these
         :class:`~producer.simulated.SimulatedReader` options (``rate``, ``backlog``, ``hosts``).
+    :param vcenter: which vCenter (the first configured by default).
+    :param lease: its lease, acquired by the caller (a new one, not acquired, by default).
+    :param retry_first_login: keep trying the first login, as every later one (a process reading
+        several vCenters); else a failed first login raises its one-line error.
     """
 
     def __init__(self, settings: Settings, app: Celery | None = None,
-                 metrics: ProducerMetrics | None = None,
-                 simulate: dict | None = None) -> None:
+                 metrics: VCenterMetrics | None = None,
+                 simulate: dict | None = None, *, vcenter: VCenterSettings | None = None,
+                 lease: Lease | None = None, publisher: Publisher | None = None,
+                 retry_first_login: bool = False) -> None:
         self.settings = settings
         self.simulate = simulate
+        self.vcenter = vc = vcenter or settings.vcenter
         self.app = app or sender_app(settings, "vebaq-producer")
-        self.metrics = metrics or ProducerMetrics()
-        vc = settings.vcenter
+        self.metrics = metrics or ProducerMetrics().vcenter(
+            SIMULATED_URL if simulate is not None else vc.url or "")
         # A few polls at the slowest interval, or one SOAP timeout, before /healthz complains.
         self.metrics.poll_stale_after = max(3 * vc.max_poll_interval, vc.request_timeout + 5)
         self.stop = threading.Event()
+        self.retry_first_login = retry_first_login
         self.redis = client(settings.broker_url)
-        self.publisher = Publisher(self.app)
+        self.publisher = publisher or Publisher(self.app)
         self.archive = Archive(self.redis, settings.archive) if settings.archive.enabled else None
         self._archive_warned = 0.0
-        self.metrics.watch_queues(self.redis, {t.pool for t in settings.triggers},
-                                  archive=self.archive)
-        self.lease = Lease(self.redis, settings.vcenter.url if simulate is None else "simulated")
-        self.session: Session | None = None
+        self.lease = lease or Lease(self.redis, vcenter_scope(None if simulate is not None
+                                                              else vc.url))
+        self.session: Session | SimulatedSession | None = None
         self.reader: EventReader | SimulatedReader | None = None
         self.notifier: ChangeNotifier | None = None
         self.store: CheckpointStore | None = None
@@ -139,41 +156,28 @@ class ProducerService:
         self.key_epoch = 0
         self.catch_up = CatchUp()
 
-    # --- start-up: every failure here is one clear line and a non-zero exit
-
-    def check_broker(self) -> None:
+    def read(self) -> None:
+        """Log in and read until stopped or the lease is lost (the caller took the lease, and
+        releases it afterwards)."""
         try:
-            self.redis.ping()
-        except redis.AuthenticationError:
-            raise BrokerError(f"Redis at {redact_url(self.settings.broker_url)} refused the "
-                              f"password") from None
-        except redis.RedisError as exc:
-            raise BrokerError(f"cannot reach Redis at {redact_url(self.settings.broker_url)}: "
-                              f"{scrub(str(exc), self.settings.secrets())}") from None
-
-    def wait_for_lease(self) -> bool:
-        """Stand by until this producer holds the lease for its vCenter; False if stopped."""
-        if self.lease.try_acquire():
-            return True
-        logger.info("standing by: producer %s is reading this vCenter", self.lease.current_holder())
-        self.metrics.standing_by = True
-        try:
-            while not self.stop.wait(self.lease.ttl / 4):
-                self.metrics.heartbeat = time.time()
-                if self.lease.try_acquire():
-                    logger.info("took over reading this vCenter")
-                    return True
-            return False
+            self.start()
+            if self.session is not None:
+                self._poll_until_stopped_or_lease_lost()
         finally:
-            self.metrics.standing_by = False
+            self.shutdown()
 
     def start(self) -> None:
-        vc = self.settings.vcenter
+        vc = self.vcenter
         if self.simulate is not None:
             self.session = SimulatedSession()
+        elif self.retry_first_login:
+            self.session = self._login()
+            if self.session is None:
+                return  # stopped, or the lease lost, before vCenter let us in
         else:
             self.session = connect(vc)
         self.metrics.connected = True
+        self._note_instance()
         self.store = CheckpointStore(self.redis, self.session.instance_uuid, vc.checkpoint_max_age)
         begin, floor, checkpoint = self.store.resume_from(self.session.now())
         seen = SeenKeys(self.store.published_since(begin))
@@ -186,6 +190,7 @@ class ProducerService:
         self._start_notifier()
         self.key_epoch = self.store.key_epoch()
         self._check_key_regression(checkpoint.key if checkpoint else None)
+        self.metrics.checkpoint_key = checkpoint.key if checkpoint else None
         where = (f"checkpoint: event {checkpoint.key} of {checkpoint.created.isoformat()}"
                  if checkpoint else "no checkpoint: new events only")
         logger.info("reading vCenter %s (instance %s) from %s (%s); enqueueing to %s",
@@ -209,23 +214,17 @@ class ProducerService:
 
     # --- the loop
 
-    def run(self) -> None:
-        """Take the lease, start, poll; stand by again if the lease is lost; until stopped."""
-        self.check_broker()
+    def _note_instance(self) -> None:
+        """Which instance UUID (whose checkpoint) this URL is, for ``vebaq status``."""
+        self.metrics.instance_uuid = self.session.instance_uuid
         try:
-            while not self.stop.is_set():
-                if not self.wait_for_lease():
-                    break
-                try:
-                    self.start()
-                    self._poll_until_stopped_or_lease_lost()
-                finally:
-                    self.shutdown()
-        finally:
-            self.lease.release()
+            self.redis.hset(keys.VCENTER_INSTANCES, self.lease.scope, self.session.instance_uuid)
+        except redis.RedisError as exc:
+            logger.warning("cannot note the vCenter's instance UUID in Redis (%s)",
+                           type(exc).__name__)
 
     def _poll_until_stopped_or_lease_lost(self) -> None:
-        vc = self.settings.vcenter
+        vc = self.vcenter
         interval = vc.poll_interval
         last_event = time.monotonic()
         pending: list[ReadEvent] = []
@@ -236,6 +235,7 @@ class ProducerService:
                                len(pending))
                 return
             if not pending:
+                polled_at = time.time()
                 try:
                     events = self.reader.poll()
                 except SESSION_LOST + CONNECTION_LOST as exc:
@@ -248,11 +248,14 @@ class ProducerService:
                 pending = self._convert(events)
                 if events:
                     last_event = time.monotonic()
+                elif not self.reader.more_waiting:
+                    self.metrics.caught_up(polled_at)
             if pending:
                 if self._publish(pending):
                     pending = []
                     if self.reader.more_waiting:
                         continue  # a backlog drains without waiting
+                    self.metrics.caught_up(polled_at)
                     interval = vc.poll_interval
                 else:
                     interval = min(max(interval * 2, 1.0), MAX_RECONNECT_DELAY)
@@ -316,6 +319,7 @@ class ProducerService:
         self._settle(pending)
         self.reader.confirmed([item.key for item in pending], checkpoint.created - OVERLAP)
         self.metrics.checkpoint_time.set(checkpoint.updated)
+        self.metrics.checkpoint_key = checkpoint.key
         self.metrics.read_lag.set(max(0.0, time.time() - checkpoint.created.timestamp()))
         self.catch_up.update(checkpoint.created, len(pending))
         logger.info("enqueued %d event(s) (keys %d–%d) → %d task(s); checkpoint at event %d",
@@ -382,21 +386,10 @@ class ProducerService:
             if self.notifier is not None:
                 self.notifier.close()
             self.session.close()
-        delay = 1.0
-        attempt = 0
-        while not self.stop.is_set():
-            attempt += 1
-            try:
-                self.session = connect(self.settings.vcenter)
-                break
-            except VCenterError as exc:
-                self.metrics.poll_failed(exc)
-                logger.error("login attempt %d failed: %s; retrying in %.0fs", attempt, exc,
-                             delay)
-                self.stop.wait(delay)
-                delay = min(delay * 2, MAX_RECONNECT_DELAY)
-        else:
+        session = self._login()
+        if session is None:
             return
+        self.session = session
         self.metrics.reconnects.inc()
         self.metrics.connected = True
         self.reader.reattach(self.session.content)
@@ -405,12 +398,39 @@ class ProducerService:
         self._check_key_regression(checkpoint.key if checkpoint else None)
         logger.info("vCenter session restored; reading on from %s", self.reader.begin.isoformat())
 
+    def _login(self) -> Session | None:
+        """Log in, retrying with back-off (refused passwords no sooner than
+        :data:`LOGIN_REFUSED_DELAY`) until vCenter lets us in; ``None`` if stopped or the lease
+        was lost meanwhile."""
+        delay = 1.0
+        attempt = 0
+        while not self.stop.is_set() and self.lease.held.is_set():
+            attempt += 1
+            try:
+                return connect(self.vcenter)
+            except VCenterError as exc:
+                self.metrics.poll_failed(exc)
+                wait = max(delay, LOGIN_REFUSED_DELAY) if isinstance(exc, LoginRefused) else delay
+                logger.error("login attempt %d failed: %s; retrying in %.0fs", attempt, exc,
+                             wait)
+                self._idle(wait)
+                delay = min(delay * 2, MAX_RECONNECT_DELAY)
+        return None
+
+    def _idle(self, seconds: float) -> None:
+        """Wait ``seconds`` (or until stopped), showing the loop alive meanwhile."""
+        deadline = time.monotonic() + seconds
+        while not self.stop.is_set() and (left := deadline - time.monotonic()) > 0:
+            self.metrics.heartbeat = time.time()
+            self.stop.wait(min(left, 5.0))
+        self.metrics.heartbeat = time.time()
+
     def _start_notifier(self) -> None:
         """Wait on vCenter's change notifications between polls (``vcenter.notifications``),
         unless an earlier session found that this vCenter sends none."""
         gave_up = self.notifier is not None and not self.notifier.working
         self.notifier = None
-        if self.simulate is None and self.settings.vcenter.notifications and not gave_up:
+        if self.simulate is None and self.vcenter.notifications and not gave_up:
             self.notifier = ChangeNotifier(self.session.content)
 
     def shutdown(self) -> None:
@@ -423,4 +443,4 @@ class ProducerService:
         if self.session is not None:
             self.session.close()
             self.session = None
-        logger.info("producer stopped")
+        self.metrics.connected = False

@@ -68,16 +68,19 @@ def cli() -> None:
               help="With --simulate: events already waiting at start.")
 def producer(config_path: str | None, metrics_port: int, log_level: str, simulate: bool,
              rate: float, backlog: int) -> None:
-    """Read vCenter events and enqueue them to the worker pools."""
+    """Read vCenter events and enqueue them to the worker pools.
+
+    Reads every configured vCenter (vcenters in the config file), each in its own thread; several
+    producers on one Redis share the vCenters out, each read by one of them at a time."""
     from vebaq.core import logs
 
     settings = load_settings(config_path)
     logs.setup(log_level, settings.secrets())
     from producer.metrics import serve
-    from producer.service import ProducerService
+    from producer.supervisor import Supervisor
 
-    service = ProducerService(settings, simulate={"rate": rate, "backlog": backlog}
-                              if simulate else None)
+    service = Supervisor(settings, simulate={"rate": rate, "backlog": backlog}
+                         if simulate else None)
     if metrics_port:
         serve(service.metrics, metrics_port)
 
