@@ -6,8 +6,8 @@ no worker consumes (as in test_reader_faults).
   two keep their latency (event posted → enqueued, p50/p99 before and during the fault), the
   third resumes, nothing lost;
 * one vCenter refuses the password: only it is degraded;
-* two producers share three vCenters, each read by one of them; the one reading two is
-  ``kill -9``ed and the other takes them over;
+* producers share three vCenters, each read by one of them: a producer joining gets one handed
+  over, the one reading two is ``kill -9``ed or stopped and the other takes them over;
 * a maintenance event for same-named hosts of two vCenters marks only the right vROps resource.
 
 Every test prints sent / enqueued / lost / duplicates per vCenter, and the figures.
@@ -400,20 +400,22 @@ def _post(vc: VCenter, count: int) -> list[int]:
 # --- two producers, three vCenters
 
 
-def test_two_producers_share_three_vcenters_and_one_is_killed(
+def test_producers_share_three_vcenters_hand_over_and_take_over(
         sims: list[Sim], stack_env: dict[str, str], log_dir: Path, tmp_path: Path,
         redis_client: redis.Redis) -> None:
-    """Each vCenter read by exactly one producer; the producer reading two is ``kill -9``ed and
-    the other takes them over. Every event goes to ``echo`` (no worker: tasks counted by id) and
-    to ``count`` (a counting worker: the function's runs per event)."""
+    """While events flow to three vCenters: producer A reads all three; B joins and A hands one
+    over (gracefully: nothing doubled); the producer reading two is ``kill -9``ed and the other
+    takes them over once their leases expire; C joins, then the producer reading two is stopped
+    cleanly and the other takes its vCenters at once. Every event goes to ``echo`` (no worker:
+    tasks counted by id) and to ``count`` (a counting worker: the function's runs per event)."""
     urls = [sim.url for sim in sims]
     config = write_config(tmp_path, urls, triggers="[{name: all, pool: echo}, "
                                                    "{name: counted, pool: count}]")
     env = env_for(stack_env, config, VEBAQ_FUNCTIONS="tests.counting_functions")
     worker = start_worker("count", env, log_dir, concurrency=2)
-    first = start_producer(env, log_dir, "producer-a")
-    second_started = time.monotonic()
-    second = start_producer(env, log_dir, "producer-b", reading=0)
+    procs = [start_producer(env, log_dir, "producer-a")]
+    watcher = Watcher(redis_client)
+    posters = [Poster(url, f"vc{i}") for i, url in enumerate(urls)]
 
     def spread() -> dict[str, list[str]] | None:
         by_reader: dict[str, list[str]] = defaultdict(list)
@@ -422,34 +424,49 @@ def test_two_producers_share_three_vcenters_and_one_is_killed(
         counts = sorted(len(v) for k, v in by_reader.items() if k)
         return dict(by_reader) if counts == [1, 2] else None
 
-    by_reader = wait_until(spread, 90, "the three vCenters spread 2 + 1", interval=0.5)
-    balanced = time.monotonic() - second_started
-    watcher = Watcher(redis_client)
-    posters = [Poster(url, f"vc{i}") for i, url in enumerate(urls)]
-    try:
-        time.sleep(5)
-        procs = {p.name: p for p in (first, second)}
-        holders = {p: vs for p, vs in by_reader.items()}
-        victim_id = next(p for p, vs in holders.items() if len(vs) == 2)
-        survivor_id = next(p for p, vs in holders.items() if len(vs) == 1)
-        victim = next(p for p in procs.values() if f":{p.popen.pid}:" in victim_id)
-        survivor = next(p for p in procs.values() if p is not victim)
-        # Before the kill each vCenter is read by one producer: no event enqueued twice.
-        before = [i for poster in posters for i in poster.ids()]
-        watcher.wait_for(before, 30, "the events before the kill")
-        assert all(watcher.counts[i] == 1 for i in before)
+    def proc_of(producer_id: str) -> Proc:
+        return next(p for p in procs if f":{p.popen.pid}:" in producer_id)
+
+    def phase(name: str) -> None:
         for poster in posters:
-            poster.phase = "during"
+            poster.phase = name
+
+    def one_reader(producer_id: str) -> bool:
+        return set(readers(env).values()) == {producer_id}
+
+    try:
+        phase("join")
+        time.sleep(3)
+        joined_at = time.monotonic()
+        procs.append(start_producer(env, log_dir, "producer-b", reading=0))
+        by_reader = wait_until(spread, 90, "the three vCenters spread 2 + 1", interval=0.5)
+        balanced = time.monotonic() - joined_at
+        time.sleep(3)
+        phase("kill")
+        victim_id = next(p for p, vs in by_reader.items() if len(vs) == 2)
+        survivor_id = next(p for p, vs in by_reader.items() if len(vs) == 1)
+        victim, survivor = proc_of(victim_id), proc_of(survivor_id)
         victim.signal(signal.SIGKILL)
         victim.popen.wait(10)
         killed_at = time.monotonic()
-        wait_until(lambda: set(readers(env).values()) == {survivor_id}, 60,
-                   "the survivor to read all three", interval=0.2)
+        wait_until(lambda: one_reader(survivor_id), 60, "the survivor to read all three",
+                   interval=0.2)
         takeover = time.monotonic() - killed_at
         survivor.wait_for(r"took over reading vCenter", count=2, timeout=30)
-        for poster in posters:
-            poster.phase = "after"
-        time.sleep(5)
+        time.sleep(3)
+        phase("rejoin")
+        procs.append(start_producer(env, log_dir, "producer-c", reading=0))
+        by_reader = wait_until(spread, 90, "the three vCenters spread 2 + 1 again", interval=0.5)
+        time.sleep(3)
+        phase("clean")
+        leaving_id = next(p for p, vs in by_reader.items() if len(vs) == 2)
+        staying_id = next(p for p, vs in by_reader.items() if len(vs) == 1)
+        stopped_at = time.monotonic()
+        assert proc_of(leaving_id).stop() == 0
+        wait_until(lambda: one_reader(staying_id), 30, "the other to read all three",
+                   interval=0.1)
+        clean_takeover = time.monotonic() - stopped_at
+        time.sleep(3)
     finally:
         for poster in posters:
             poster.stop()
@@ -458,26 +475,31 @@ def test_two_producers_share_three_vcenters_and_one_is_killed(
     runs = wait_until(lambda: _runs_of(redis_client, sent), 90, "every event counted")
     time.sleep(1)
     watcher.stop()
-    assert survivor.stop() == 0
+    assert proc_of(staying_id).stop() == 0
     final = status(env)
     worker.stop()
 
-    name = "2 producers, 3 vCenters, kill -9"
-    moved = holders[victim_id]
-    print(f"\n[{name}] spread 2 + 1 {balanced:.1f}s after the second producer started; "
-          f"the victim read {len(moved)}; all three read by the survivor {takeover:.1f}s after "
-          f"kill -9 (lease TTL 10s)")
+    name = "producers sharing 3 vCenters"
+    print(f"\n[{name}] B joined A (reading 3): spread 2 + 1 in {balanced:.1f}s (hand-over "
+          f"after the batch in hand); kill -9 of the one reading 2: all three read by the "
+          f"survivor {takeover:.1f}s later (lease TTL 10s); C joined, then the one reading 2 "
+          f"stopped cleanly: the other read all three {clean_takeover:.1f}s later")
     for i, poster in enumerate(posters):
-        p50, p99, n = latency(poster, watcher, "during")
-        moved_here = " (taken over)" if urls[i] in moved else " (the survivor's own)"
-        print(f"[{name}] vc{i}{moved_here} posted → enqueued during the takeover: p50 "
-              f"{p50:.0f} ms, p99 {p99:.0f} ms (n={n})")
+        figures = []
+        for step in ("join", "kill", "rejoin", "clean"):
+            p50, p99, n = latency(poster, watcher, step)
+            figures.append(f"{step}: p50 {p50:.0f} / p99 {p99:.0f} ms (n={n})")
+        print(f"[{name}] vc{i} posted → enqueued: " + "; ".join(figures))
     lost, doubled = report(name, posters, watcher.counts)
+    graceful = [i for poster in posters for step in ("join", "rejoin", "clean")
+                for i in poster.ids(step)]
+    doubled_graceful = sum(watcher.counts[i] - 1 for i in graceful if watcher.counts[i] > 1)
     function_dup = sum(n - 1 for n in runs.values() if n > 1)
-    print(f"[{name}] count pool: {len(runs)} events ran, function runs beyond one: "
-          f"{function_dup}; tasks enqueued twice (a batch enqueued but not committed when the "
-          f"victim died, suppressed by done markers): {doubled}")
-    assert lost == 0 and function_dup == 0
+    print(f"[{name}] tasks enqueued twice: {doubled} ({doubled_graceful} of them around a "
+          f"graceful hand-over; the rest a batch enqueued but not committed when kill -9 hit, "
+          f"suppressed by done markers); count pool: {len(runs)} events, function runs beyond "
+          f"one: {function_dup}")
+    assert lost == 0 and function_dup == 0 and doubled_graceful == 0
     assert int(redis_client.get(counting.DUPLICATE_EFFECTS) or 0) == 0
     assert doubled <= 10  # at most the batches in flight at the kill
     assert [vc["reader"] for vc in final["vcenters"]] == [None] * 3  # released on a clean stop

@@ -67,6 +67,14 @@ vcenters:
     assert not any(secret in shown for secret in settings.secrets())
 
 
+def test_an_empty_vcenter_url_is_unset(tmp_path: Path) -> None:
+    """Compose passes VCENTER_URL= (empty, from .env) to turn the demo default off."""
+    settings = load(tmp_path, "vcenters: [{url: 'https://a/sdk'}, {url: 'https://b/sdk'}]",
+                    VCENTER_URL="", VCENTER_USER="reader", VCENTER_PASSWORD="pw")
+    assert [(vc.url, vc.username) for vc in settings.vcenters] == [
+        ("https://a/sdk", "reader"), ("https://b/sdk", "reader")]
+
+
 @pytest.mark.parametrize(("text", "environ", "message"), [
     ("vcenters: []", {}, "vcenters: expected a list of vCenters"),
     ("vcenters: {url: x}", {}, "vcenters: expected a list of vCenters"),
