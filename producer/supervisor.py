@@ -229,17 +229,17 @@ class Supervisor:
     def _rebalance(self) -> None:
         held = [s for s in self.shards if s.running]
         now = time.monotonic()
-        if len(held) > self.share:
+        room = self.share - len(held)
+        if room < 0:
             self._surplus_since = self._surplus_since or now
             if now - self._surplus_since >= REBALANCE_AFTER and \
                     not any(s.handing_over for s in held):
                 self._hand_over(min(held, key=self._preference))
                 self._surplus_since = None
-            return
-        self._surplus_since = None
+        else:
+            self._surplus_since = None
         idle = sorted((s for s in self.shards if not s.running), key=self._preference,
                       reverse=True)
-        room = self.share - len(held)
         for shard in idle:
             if room > 0 and shard.cooldown_until <= now and self._take(shard):
                 room -= 1
@@ -267,7 +267,8 @@ class Supervisor:
         metrics = shard.metrics
         metrics.held, metrics.holder = True, self.id
         metrics.heartbeat = metrics.started = time.time()
-        metrics.last_poll_at = metrics.caught_up_at = None
+        metrics.last_poll_at = metrics.caught_up_at = metrics.last_poll_error = None
+        metrics.stall = None
         shard.thread = threading.Thread(target=self._read, args=(shard,),
                                         name=f"vebaq-{shard.label}", daemon=True)
         shard.thread.start()

@@ -572,9 +572,11 @@ def test_status_names_the_reader_checkpoint_and_lag(
 
     def checkpointed() -> dict | None:
         found = status(env)
-        return found if found["vcenters"][1]["checkpoint"] else None
+        reported = found["producers"] and len(found["producers"][0]["reading"]) == 3
+        return found if found["vcenters"][1]["checkpoint"] and reported else None
 
-    found = wait_until(checkpointed, 30, "a checkpoint in the status")
+    # (A producer's record is rewritten with every heartbeat, once a second.)
+    found = wait_until(checkpointed, 30, "a checkpoint and the producer's record in the status")
     text = subprocess.run(vebaq_argv("status"), env=env, cwd=ROOT, capture_output=True,
                           text=True, timeout=60)
     producer.stop()
