@@ -139,7 +139,6 @@ class VCenterMetrics:
         #: This producer holds the vCenter's lease (it reads it); else ``holder`` may.
         self.held = False
         self.holder: str | None = None
-        self.standing_by = False
         self.poll_stale_after = DEFAULT_POLL_STALE_AFTER
         self.last_poll_at: float | None = None
         self.last_poll_error: str | None = None
@@ -182,7 +181,7 @@ class VCenterMetrics:
     def problem(self) -> str | None:
         """Why this vCenter is not read as it should be, in one line, or ``None``."""
         now = time.time()
-        if not self.held or self.standing_by:
+        if not self.held:
             return None
         if now - self.heartbeat >= STALL_SECONDS:
             return f"stalled: the producer loop has not run for {now - self.heartbeat:.0f}s"
