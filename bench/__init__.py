@@ -8,6 +8,7 @@ Run ``python -m bench`` (``make bench``); ``--quick`` for a smoke run. The secti
 :mod:`bench.throughput` echo worker tasks/s vs a bare no-op Celery task, 1 and 2 processes.
 :mod:`bench.latency`    vCenter event created → function started, idle and under load.
 :mod:`bench.vrops`      vROps calls per maintenance event, events/s per pool implementation.
+:mod:`bench.routing`    µs per event routed by 20 triggers on data vs on attributes; throttling.
 
 Results go to ``bench/results/`` (``bench.json``, ``bench.png``, ``RESULTS.md``); ``--publish``
 also copies the report and the figure to ``bench/RESULTS.md`` and ``bench/results.png``.

@@ -67,7 +67,7 @@ def child(mode: str, backlog: int, redis_url: str) -> dict[str, Any]:
                 pending = service._convert(batch)
                 if not service._publish(pending):
                     raise SystemExit("bench.backlog: Redis did not take a batch")
-                tasks += sum(len(item.pools) for _, _, item in pending if item is not None)
+                tasks += sum(len(item.messages) for item in pending)
         finally:
             service.lease.release()
     else:

@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = ROOT / "bench"
 
 #: The sections, in the order they run.
-SECTIONS = ("raw", "drain", "backlog", "throughput", "latency", "vrops", "archive", "http")
+SECTIONS = ("raw", "drain", "backlog", "throughput", "latency", "vrops", "archive", "http",
+            "scrub", "routing")
 
 #: Sections that need govmomi's vCenter simulator.
 NEED_SIMULATOR = frozenset({"drain", "latency"})
@@ -75,6 +76,12 @@ def _section_runner(name: str, profile: Profile, redis_url: str, sim: VcSim | No
     if name == "http":
         from bench import http_events
         return lambda: http_events.measure(profile, redis_url, log_dir)
+    if name == "routing":
+        from bench import routing
+        return lambda: routing.measure(profile, redis_url)
+    if name == "scrub":
+        from bench import scrub
+        return lambda: scrub.measure(profile)
     from bench import vrops
     return lambda: vrops.measure(profile, redis_url, log_dir)
 

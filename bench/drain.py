@@ -1,8 +1,9 @@
-"""Producer drain rate on govmomi's vCenter simulator: 1,000 waiting events read, converted,
-routed, enqueued to Redis and checkpointed, against pyvmomi only reading them.
+"""Producer drain rate on the vCenter simulator (the test peer: govmomi's model, collectors that
+page forward as vCenter's do): ``drain_events`` waiting events read, converted, routed, enqueued
+to Redis (task-sent events on), archived and checkpointed, against pyvmomi only reading them.
 
-Three ways of taking the same 1,000 events off the simulator, in every repeat (their order
-rotates, so drift on a noisy machine hits each alike):
+Three ways of taking the same events off the simulator, in every repeat (their order rotates,
+so drift on a noisy machine hits each alike):
 
 ``pyvmomi``   the baseline: one collector (the reader's filter), ``ReadNextEvents`` pages of
               1,000 until a short page; nothing else.
@@ -10,25 +11,25 @@ rotates, so drift on a noisy machine hits each alike):
               stall watchdog's ``latestEvent`` read after the last page), no conversion.
 ``pipeline``  what the producer does per batch — ``EventReader.poll`` then
               :meth:`ProducerService._convert` (``to_cloudevent``, ``to_structured``,
-              ``route``) and :meth:`ProducerService._publish` (``Publisher`` batch, then the
-              ``CheckpointStore`` transaction) — until a poll returns nothing.
+              ``route``) and :meth:`ProducerService._publish` (``Publisher`` batch, the archive
+              append, then the ``CheckpointStore`` transaction) — until a poll returns nothing.
 
-The reader and the pipeline run with the producer's default settings (the reader drains with
-pages of 1,000, vCenter's maximum, then reads ``pageSize`` 100) and default triggers (echo gets
-every event, vrops the maintenance ones); the baseline reads pages of 1,000.
+The reader and the pipeline run with the producer's default settings (``pageSize``, the
+archive on, task-sent events on) and default triggers (echo gets every event, vrops the
+maintenance ones); the baseline reads pages of 1,000, vCenter's maximum.
 """
 
 from __future__ import annotations
 
 import time
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from celery import Celery
 from pyVmomi import vim
 
 from bench import events, redisdb
-from bench.profiles import VCSIM_RING, Profile
+from bench.profiles import Profile
 from bench.simulator import Client
 from bench.stats import paired_ratio, summary
 from producer.checkpoint import CheckpointStore
@@ -39,9 +40,6 @@ from vebaq.core import config
 from vebaq.core.broker import sender_app
 from workers.pools import load_functions
 
-#: Extra events posted beyond the simulator's ring, so the ring holds only the benchmark's.
-SURPLUS = 50
-
 
 def settings_for(sim_url: str, redis_url: str) -> config.Settings:
     """The producer's default settings, for the simulator."""
@@ -50,12 +48,12 @@ def settings_for(sim_url: str, redis_url: str) -> config.Settings:
     return config.load(environ=env, known_pools=load_functions())
 
 
-def fill_simulator(sim_url: str) -> datetime:
-    """Post enough events to fill the simulator's ring; returns a time before all of them."""
+def fill_simulator(sim_url: str, count: int) -> datetime:
+    """Post ``count`` events; returns a time just before them (the simulator keeps 100,000)."""
     client = Client(sim_url)
     try:
-        begin = client.si.CurrentTime() - timedelta(seconds=1)
-        for event in events.simulator_mix(client.content, VCSIM_RING + SURPLUS):
+        begin = client.si.CurrentTime()
+        for event in events.simulator_mix(client.content, count):
             client.post(event)
         return begin
     finally:
@@ -131,7 +129,7 @@ def run_pipeline(settings: config.Settings, app: Celery, session: Session,
 
 def measure(profile: Profile, redis_url: str, sim_url: str) -> dict[str, Any]:
     settings = settings_for(sim_url, redis_url)
-    begin = fill_simulator(sim_url)
+    begin = fill_simulator(sim_url, profile.drain_events)
     session = connect(settings.vcenter)
     app = sender_app(settings, "bench-drain")
     r = redisdb.connect(redis_url)

@@ -51,9 +51,10 @@ def start_celery_worker(app: str, queue: str, env: dict[str, str], log_dir: Path
     return proc
 
 
-def start_producer(env: dict[str, str], log_dir: Path, name: str) -> Proc:
-    """``python -m vebaq producer --metrics-port 0``, once it reads vCenter."""
-    proc = Proc(name, vebaq_argv("producer", "--metrics-port", "0"), env, log_dir)
+def start_producer(env: dict[str, str], log_dir: Path, name: str,
+                   metrics_port: int = 0) -> Proc:
+    """``python -m vebaq producer --metrics-port PORT`` (0: none), once it reads vCenter."""
+    proc = Proc(name, vebaq_argv("producer", "--metrics-port", str(metrics_port)), env, log_dir)
     proc.wait_for(r"reading vCenter", timeout=START_TIMEOUT)
     return proc
 

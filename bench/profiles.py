@@ -9,10 +9,6 @@ from dataclasses import dataclass
 #: database 13: other databases of the shared server belong to others (tests use 9).
 REDIS_URL = os.environ.get("VEBAQ_BENCH_REDIS_URL", "redis://127.0.0.1:6379/13")
 
-#: govmomi's simulator keeps the newest 1,000 events (see the vcsim notes): the largest backlog
-#: it can replay.
-VCSIM_RING = 1000
-
 #: The walkthrough's vROps handler made this many HTTP calls per maintenance event.
 WALKTHROUGH_VROPS_CALLS = 4
 
@@ -24,6 +20,8 @@ VROPS_LATENCY = 0.05
 class Profile:
     """Sizes of one run; every figure is the median of :attr:`repeats` runs.
 
+    :param drain_events: events waiting in the simulator for the producer drain (the test peer
+        keeps 100,000 and pages forward, as vCenter does).
     :param backlog: events of the simulated backlog drained in a subprocess.
     :param worker_tasks: messages preloaded per worker-throughput run.
     :param raw_messages: messages pushed and popped per raw-Redis run.
@@ -31,6 +29,8 @@ class Profile:
     :param latency_without_backoff: intervals measured once more with ``maxPollInterval`` equal
         to the poll interval (no idle back-off), to tell the back-off's share of the latency.
     :param idle_seconds: seconds of posting at :attr:`idle_rate` per latency repeat.
+    :param quiet_seconds: seconds of posting nothing after a latency run's repeats (vCenter
+        calls per minute when quiet; under the producer's 30 s before it backs off).
     :param load_seconds: seconds of posting at :attr:`load_rate` per latency repeat.
     :param vrops_events: maintenance events per vROps repeat.
     :param vrops_models: ``(pool implementation, concurrency)`` pairs of the vrops worker.
@@ -41,6 +41,7 @@ class Profile:
 
     name: str
     repeats: int
+    drain_events: int
     backlog: int
     worker_tasks: int
     raw_messages: int
@@ -48,6 +49,7 @@ class Profile:
     latency_without_backoff: tuple[float, ...]
     idle_seconds: float
     load_seconds: float
+    quiet_seconds: float
     vrops_events: int
     vrops_models: tuple[tuple[str, int], ...]
     archive_events: int = 20_000
@@ -62,15 +64,17 @@ class Profile:
 
 
 FULL = Profile(
-    name="full", repeats=3, backlog=100_000, worker_tasks=1500, raw_messages=20_000,
-    latency_intervals=(0.5, 1.0), latency_without_backoff=(0.5,), idle_seconds=12.0,
-    load_seconds=5.0, vrops_events=300,
+    name="full", repeats=3, drain_events=5_000, backlog=100_000, worker_tasks=1500,
+    raw_messages=20_000,
+    latency_intervals=(0.5, 1.0), latency_without_backoff=(), idle_seconds=12.0,
+    load_seconds=5.0, quiet_seconds=20.0, vrops_events=300,
     vrops_models=(("prefork", 4), ("threads", 4), ("threads", 8)), http_events=2000,
 )
 
 QUICK = Profile(
-    name="quick", repeats=3, backlog=5_000, worker_tasks=250, raw_messages=5_000,
-    latency_intervals=(0.5,), latency_without_backoff=(), idle_seconds=4.0, load_seconds=2.0,
-    vrops_events=60,
+    name="quick", repeats=3, drain_events=1_001, backlog=5_000, worker_tasks=250,
+    raw_messages=5_000,
+    latency_intervals=(1.0,), latency_without_backoff=(), idle_seconds=4.0, load_seconds=2.0,
+    quiet_seconds=10.0, vrops_events=60,
     vrops_models=(("prefork", 4), ("threads", 4)), archive_events=3_000, http_events=300,
 )

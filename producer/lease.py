@@ -21,7 +21,7 @@ import redis
 
 from vebaq.core import keys
 from vebaq.core.config import normalise_sdk_url
-from vebaq.core.redisdb import Script
+from vebaq.core.redisdb import Script, explain_redis_error
 
 logger = logging.getLogger("vebaq.producer")
 
@@ -93,7 +93,8 @@ class Lease:
             ok = bool(_RENEW(self.redis, keys=[self.key], args=[self.holder, int(self.ttl * 1000)]))
         except redis.RedisError as exc:
             # Cannot tell: keep going until the lease would have expired anyway.
-            logger.warning("cannot renew the lease of %s: %s", self.scope, exc)
+            logger.warning("cannot renew the lease of %s: %s", self.scope,
+                           explain_redis_error(exc, self.redis))
             return self.held.is_set()
         if not ok:
             self.held.clear()

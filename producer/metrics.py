@@ -16,6 +16,7 @@ alerting and for operators who want "all or nothing".
 
 from __future__ import annotations
 
+import errno
 import json
 import threading
 import time
@@ -24,12 +25,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import redis
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from producer import vcenter as vcenter_api
 from producer.reader import EventReader, Stall
 from vebaq.core import deadletters, retrystore
 from vebaq.core.archive import Archive
+from vebaq.core.errors import ConfigError
 
 #: ``/healthz`` fails when the main loop has not come round for this many seconds.
 STALL_SECONDS = 120
@@ -91,6 +94,19 @@ class QueueStateCollector:
 
 
 
+class VCenterCallsCollector:
+    """SOAP calls to each vCenter per method, read at scrape time from
+    :data:`producer.vcenter.CALLS`."""
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        calls = CounterMetricFamily("vebaq_producer_vcenter_calls",
+                                    "SOAP calls to vCenter, per method (property reads: Fetch)",
+                                    labels=["method", "vcenter"])
+        for (url, method), count in sorted(vcenter_api.CALLS.items()):
+            calls.add_metric([method, url], count)
+        yield calls
+
+
 class _Bound:
     """A labelled metric with its ``vcenter`` label filled in: ``.labels(pool=…)`` gives the
     child of that vCenter and pool."""
@@ -132,6 +148,11 @@ class VCenterMetrics:
         self.events_skipped = p.events_skipped.labels(vcenter=url)
         self.last_poll = p.last_poll.labels(vcenter=url)
         self.poll_failures = p.poll_failures.labels(vcenter=url)
+        self.throttled = _Bound(p.throttled, url)
+        self.batched = _Bound(p.batched, url)
+        self.batches = _Bound(p.batches, url)
+        #: The filter pushed down to vCenter, in words (``None``: every event is read).
+        self.pushdown: str | None = None
         self.started = time.time()
         #: When this vCenter's loop last came round.
         self.heartbeat = time.time()
@@ -206,24 +227,26 @@ class VCenterMetrics:
         return f"standby: read by {self.holder}" if self.holder else "unassigned"
 
     def stats(self) -> dict:
-        published = {pool: int(value) for pool, value in _per_pool(self.published.metric,
-                                                                   self.url).items()}
+        published = {pool: int(value) for pool, value in _per_label(
+            self.published.metric, "pool", self.url).items()}
         lag = self.lag
         return {"held": self.held, "holder": self.holder, "state": self.state(),
                 "connected": self.connected, "instance_uuid": self.instance_uuid,
+                "pushdown": self.pushdown,
                 "events_read": int(_value(self.events_read)), "published_per_pool": published,
                 "publish_errors": int(_value(self.publish_errors)),
                 "checkpoint_key": self.checkpoint_key,
                 "lag_seconds": None if lag is None or not self.held else round(lag, 3)}
 
 
-def _per_pool(published: Counter, vcenter: str | None = None) -> dict[str, float]:
+def _per_label(counter: Counter, label: str, vcenter: str | None = None) -> dict[str, float]:
+    """A counter's totals by ``label``, of one vCenter or summed over all."""
     totals: dict[str, float] = {}
-    for family in published.collect():
+    for family in counter.collect():
         for sample in family.samples:
             if sample.name.endswith("_total") and vcenter in (None, sample.labels["vcenter"]):
-                pool = sample.labels["pool"]
-                totals[pool] = totals.get(pool, 0.0) + sample.value
+                value = sample.labels[label]
+                totals[value] = totals.get(value, 0.0) + sample.value
     return totals
 
 
@@ -322,6 +345,15 @@ class ProducerMetrics:
         self.poll_failures = Counter("vebaq_producer_vcenter_poll_failures",
                                      "Polls and logins of vCenter that failed (timeouts "
                                      "included)", vc, registry=r)
+        per_trigger = ["trigger", "vcenter"]
+        self.throttled = Counter("vebaq_producer_throttled",
+                                 "Events a trigger's throttle suppressed (once_within, "
+                                 "once_after)", per_trigger, registry=r)
+        self.batched = Counter("vebaq_producer_batched",
+                               "Events a trigger's throttle held for a batch", per_trigger,
+                               registry=r)
+        self.batches = Counter("vebaq_producer_batches",
+                               "Batch tasks sent by throttled triggers", per_trigger, registry=r)
         self.started = time.time()
         #: When the producer's own loop (the supervisor's) last came round.
         self.heartbeat = time.time()
@@ -331,6 +363,7 @@ class ProducerMetrics:
         self.vcenters: dict[str, VCenterMetrics] = {}
         self._lock = threading.Lock()
         r.register(_StateCollector(self))
+        r.register(VCenterCallsCollector())
 
     def vcenter(self, url: str) -> VCenterMetrics:
         """The metrics of the vCenter at ``url`` (made on first use)."""
@@ -349,14 +382,24 @@ class ProducerMetrics:
         vCenters), with each vCenter's own under ``vcenters``."""
         vcenters = {url: vc.stats() for url, vc in self.vcenters.items()}
         held = [v for v in vcenters.values() if v["held"]]
+        throttled: dict[str, dict[str, int]] = {}
+        for kind, counter in (("suppressed", self.throttled), ("batched", self.batched),
+                              ("batches", self.batches)):
+            for trigger, count in _per_label(counter, "trigger").items():
+                throttled.setdefault(trigger, {"suppressed": 0, "batched": 0, "batches": 0})
+                throttled[trigger][kind] = int(count)
+        # The pushdown follows from the triggers: the same for every vCenter.
+        pushdown = next((v["pushdown"] for v in held if v["pushdown"]), None)
         return {
             "vcenter": {"started": self.started,
                         "events_read": sum(v["events_read"] for v in vcenters.values()),
-                        "connected": bool(held) and all(v["connected"] for v in held)},
+                        "connected": bool(held) and all(v["connected"] for v in held),
+                        "pushdown": pushdown},
             "celery": {"started": self.started,
                        "published_per_pool": {k: int(v) for k, v in
-                                              _per_pool(self.published).items()},
+                                              _per_label(self.published, "pool").items()},
                        "publish_errors": sum(v["publish_errors"] for v in vcenters.values())},
+            "throttled": throttled,
             "producer": {"id": self.producer_id, "live_producers": self.live_producers,
                          "share": self.share, "reading": [u for u, v in vcenters.items()
                                                           if v["held"]]},
@@ -393,7 +436,8 @@ class ProducerMetrics:
 
 def serve(metrics: ProducerMetrics, port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer:
     """Serve ``/metrics``, ``/stats``, ``/healthz`` and ``/healthz/strict`` on a daemon
-    thread."""
+    thread; a port that cannot be opened (taken, privileged) raises :class:`ConfigError` saying
+    so."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - http.server's naming
@@ -416,6 +460,13 @@ def serve(metrics: ProducerMetrics, port: int, host: str = "0.0.0.0") -> Threadi
         def log_message(self, *args: object) -> None:  # keep probes out of the logs
             pass
 
-    server = ThreadingHTTPServer((host, port), Handler)
+    try:
+        server = ThreadingHTTPServer((host, port), Handler)
+    except OSError as exc:
+        reason = {errno.EADDRINUSE: "is in use", errno.EACCES: "needs privileges (use one ≥ 1024)",
+                  errno.EADDRNOTAVAIL: f"cannot be bound on {host}"}.get(
+                      exc.errno, f"cannot be opened ({exc.strerror or exc})")
+        raise ConfigError(f"metrics port {port} {reason}: set --metrics-port or "
+                          f"VEBAQ_METRICS_PORT to a free port (0 disables it)") from None
     threading.Thread(target=server.serve_forever, name="vebaq-metrics", daemon=True).start()
     return server

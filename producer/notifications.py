@@ -11,12 +11,21 @@ value, and ``latestPage`` is the collector's whole page (up to 1,000 events) on 
 ``latestEvent`` is one event, and it does not depend on which collector the reader has (a
 replaced collector needs no new filter).
 
-The wait never replaces reading: whatever it says, the reader pages forward afterwards and its
-stall watchdog stays in force, so a lost or late notification costs at most one poll interval
-(``maxWaitSeconds`` is that interval). A vCenter or simulator that does not notify — a fault on
-``CreateFilter``/``WaitForUpdatesEx``, or waits that keep timing out while polls find new events
-(Debian's govmomi 0.24 never sets ``latestEvent``) — is detected, logged once, and the producer
-polls at its interval from then on.
+**Quiet vCenters are asked less.** Each update carries ``latestEvent``'s new value, so the
+notifier knows vCenter's newest event key. While that is a key the reader already has and waits
+keep timing out, there is nothing to read: :meth:`ChangeNotifier.wait` waits on (one
+``WaitForUpdatesEx`` of the poll interval after another) instead of returning for a poll that
+would find nothing — up to ``quiet_limit`` seconds after the last poll (the producer passes
+``vcenter.maxPollInterval``). A quiet producer then costs vCenter one call per poll interval
+and a poll (``ReadNextEvents`` and the watchdog's ``latestEvent`` read) every ``quiet_limit``,
+instead of three calls per poll interval; polling alone costs two per interval.
+
+The wait never replaces reading for long: the reader still pages forward after it returns, at
+least every ``quiet_limit``, and its stall watchdog stays in force, so a lost or late
+notification costs at most ``quiet_limit`` (5 s by default). A vCenter or simulator that does not
+notify — a fault on ``CreateFilter``/``WaitForUpdatesEx``, or waits that keep timing out while
+polls find new events (Debian's govmomi 0.24 never sets ``latestEvent``) — is detected, logged
+once, and the producer polls at its interval from then on.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import contextlib
 import logging
 import math
 import threading
+import time
 
 from pyVmomi import vim, vmodl
 
@@ -51,6 +61,9 @@ class ChangeNotifier:
         self._version = ""
         self._silent = 0
         self._last_timed_out = False
+        #: vCenter's newest event key as the last update said (``None``: not known).
+        self.latest_key: int | None = None
+        self._polled_at = time.monotonic()
 
     def _create_filter(self) -> None:
         spec = vim.PropertyCollector.FilterSpec(
@@ -69,10 +82,20 @@ class ChangeNotifier:
         if update is None:
             return False
         self._version = update.version
+        for found in update.filterSet or ():
+            for changed in found.objectSet or ():
+                for change in changed.changeSet or ():
+                    if change.name == "latestEvent":
+                        self.latest_key = getattr(change.val, "key", None)
         return True
 
-    def wait(self, seconds: float, stop: threading.Event) -> None:
+    def wait(self, seconds: float, stop: threading.Event, known: int | None = None,
+             quiet_limit: float | None = None) -> None:
         """Until a new event or ``seconds`` pass (or ``stop`` is set, checked before waiting).
+
+        :param known: the highest event key the reader is done with: while vCenter's newest is
+            no newer, waiting goes on (see the module docstring) …
+        :param quiet_limit: … until this many seconds after the last poll (:meth:`polled`).
 
         Session and connection failures propagate (the caller reconnects); anything else means
         this vCenter does not notify: logged once, then plain sleeps."""
@@ -84,7 +107,11 @@ class ChangeNotifier:
         try:
             if self._filter is None:
                 self._create_filter()
-            changed = self._wait_for_updates(max(1, math.ceil(seconds)))
+            each = max(1, math.ceil(seconds))
+            while True:
+                changed = self._wait_for_updates(each)
+                if changed or stop.is_set() or not self._nothing_new(known, quiet_limit, each):
+                    break
         except vmodl.MethodFault as fault:
             if isinstance(fault, SESSION_LOST):
                 raise
@@ -93,9 +120,17 @@ class ChangeNotifier:
             return
         self._last_timed_out = not changed
 
+    def _nothing_new(self, known: int | None, quiet_limit: float | None, wait: int) -> bool:
+        """vCenter's newest event is one the reader has, and another wait of ``wait`` seconds
+        still ends within ``quiet_limit`` of the last poll."""
+        return (known is not None and quiet_limit is not None and self.latest_key is not None
+                and self.latest_key <= known
+                and time.monotonic() - self._polled_at + wait <= quiet_limit)
+
     def polled(self, found_new: bool) -> None:
         """What the poll after a wait found: new events after a wait that timed out, again and
         again, mean that notifications do not come."""
+        self._polled_at = time.monotonic()
         if not self.working:
             return
         if self._last_timed_out and found_new:

@@ -2,10 +2,11 @@
 
 vCenter pages ``ReadNextEvents`` forward in key order from the collector's position, and
 appends events posted after the collector was created: draining it after each poll gives every
-new event once. That is the one path this reader takes. The collector reads every event (no
-entity filter, so vCenter's newest event is always one it should return), created since
-``begin`` (the checkpoint's time minus an overlap); events are de-duplicated by key against the
-published window (``seen``), filtered by creation time (``floor``), and returned in key order.
+new event once. That is the one path this reader takes. Unless a filter is pushed down
+(below), the collector reads every event (so vCenter's newest event is always one it should
+return), created since ``begin`` (the checkpoint's time minus an overlap); events are
+de-duplicated by key against the published window (``seen``), filtered by creation time
+(``floor``), and returned in key order.
 
 **A collector can stop returning events without saying so.** Current govmomi marks a collector
 more than ~1,000 unread events behind as stale and returns nothing from it ever again; VEBA's
@@ -28,6 +29,16 @@ Collectors are per session, so a session the server ended cannot have its collec
 by another: vCenter frees those itself. ``SetCollectorPageSize`` is called only at creation
 (govmomi's collector never sees new events again after a later change).
 
+**Pushdown** (:mod:`producer.pushdown`): the collector may carry a filter derived from the
+triggers, so vCenter returns only events some trigger may match. vCenter's newest event is then
+often one the collector rightly never returns, so the watchdog compares the collector's own
+newest matching event (``latestPage``, read only when ``latestEvent`` moved past what the reader
+knows) instead; and the keys between two matching events are expected gaps: the continuity
+check after a reset asks an unfiltered probe collector (one event, destroyed at once) whether
+vCenter still holds the first key past the reader's, and reports only what it no longer holds.
+A pushed-down filter vCenter refuses (an entity that no longer exists) is logged once and
+dropped: the reader reads everything, the triggers route as before.
+
 Older simulators (Debian's govmomi 0.24, the ``vmware/vcsim`` stand-in on some machines) page
 no new events forward and never set ``latestEvent``; the watchdog then reads the collector's
 ``latestPage`` instead (logged once) and its resets deliver the new events, two polls late.
@@ -46,7 +57,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from pyVmomi import vim
+from pyVmomi import vim, vmodl
+
+from producer.pushdown import Pushdown
 
 logger = logging.getLogger("vebaq.producer")
 
@@ -119,6 +132,15 @@ def _created(event: vim.event.Event) -> datetime:
     return created if created.tzinfo else created.replace(tzinfo=UTC)
 
 
+def _fault(exc: BaseException) -> str:
+    """A vSphere fault in one line: its name, and its message or the object it names."""
+    name = getattr(exc, "_wsdlName", None) or type(exc).__name__
+    detail = getattr(exc, "msg", "") or getattr(exc, "obj", "") or ""
+    if not detail and not hasattr(exc, "_wsdlName"):
+        detail = str(exc)
+    return " ".join(f"{name}: {detail}".split()) if detail else name
+
+
 class EventReader:
     """New events of one vCenter, in key order, each once.
 
@@ -127,11 +149,17 @@ class EventReader:
     :param floor: never return events created before this (defaults to ``begin``).
     :param seen: keys already published (restored from the checkpoint after a restart).
     :param page_size: events per ``ReadNextEvents`` call (and the collector's page size).
+    :param pushdown: the filter to ask vCenter for (:mod:`producer.pushdown`); ``None``: every
+        event.
     """
 
     def __init__(self, content: vim.ServiceInstanceContent, *, begin: datetime, seen: SeenKeys,
-                 floor: datetime | None = None, page_size: int = MAX_PAGE_SIZE) -> None:
+                 floor: datetime | None = None, page_size: int = MAX_PAGE_SIZE,
+                 pushdown: Pushdown | None = None) -> None:
         self.content = content
+        self.pushdown = pushdown
+        #: (latestEvent's key, the newest matching key) when latestPage was last read.
+        self._latest_checked: tuple[int | None, int | None] = (-1, None)
         self.begin = begin
         #: Events created before this are never returned (some simulators ignore time filters).
         self.floor = floor or begin
@@ -157,10 +185,23 @@ class EventReader:
 
     # --- the collector
 
-    def _create_collector(self) -> vim.event.EventHistoryCollector:
-        spec = vim.event.EventFilterSpec(time=vim.event.EventFilterSpec.ByTime(
-            beginTime=self.begin))
-        collector = self.content.eventManager.CreateCollectorForEvents(spec)
+    def _create_collector(self, pushdown: bool = True) -> vim.event.EventHistoryCollector:
+        manager = self.content.eventManager
+        since = vim.event.EventFilterSpec.ByTime(beginTime=self.begin)
+        if pushdown and self.pushdown is not None:
+            spec = vim.event.EventFilterSpec(time=since,
+                                             **self.pushdown.spec_fields(manager._stub))
+            try:
+                collector = manager.CreateCollectorForEvents(spec)
+            except (vim.fault.VimFault, vmodl.fault.ManagedObjectNotFound,
+                    vmodl.fault.InvalidArgument) as exc:
+                logger.warning("vCenter refused the pushed-down filter (%s): reading every "
+                               "event and routing them here instead", _fault(exc))
+                self.pushdown = None
+            else:
+                collector.SetCollectorPageSize(self.page_size)
+                return collector
+        collector = manager.CreateCollectorForEvents(vim.event.EventFilterSpec(time=since))
         collector.SetCollectorPageSize(self.page_size)
         return collector
 
@@ -168,6 +209,7 @@ class EventReader:
         """(Re)create the collector: every event since ``begin``."""
         self.close()
         self.collector = self._create_collector()
+        self._latest_checked = (-1, None)
         if self.seen.highest < 0 and self._baseline < 0:
             self._baseline = self.newest_key() or -1
 
@@ -175,6 +217,12 @@ class EventReader:
     def _known(self) -> int:
         """The highest key the reader is done with: read, or from before its start."""
         return max(self.seen.highest, self._baseline)
+
+    @property
+    def known(self) -> int:
+        """The highest event key this reader is done with (read and confirmed, or from before
+        its start); -1 for none."""
+        return self._known
 
     def close(self) -> None:
         """Destroy the collector (best effort: the session may be gone already)."""
@@ -260,20 +308,62 @@ class EventReader:
         """The first event a new collector returned: are keys missing before it?"""
         self._check_continuity = False
         known = self._known
+        if self.pushdown is not None and first - known > 1:
+            # Keys between matching events are other events' (the filter's gaps): only what
+            # vCenter no longer holds at all is missing.
+            try:
+                first = min(first, self._oldest_held_after(known))
+            except Exception as exc:  # noqa: BLE001 - a check, not the read: say it, read on
+                logger.warning("could not check whether vCenter still holds events %d–%d "
+                               "(between the filter's matches): %s", known + 1, first - 1,
+                               _fault(exc))
+                return
         missing = first - known - 1
         if missing > 0:
             self.skipped += missing
             logger.error("vCenter no longer holds events %d–%d (its retention ran out, or they "
                          "are older than checkpoint.maxAge): %d event(s) skipped, never "
-                         "delivered", known + 1, first - 1, missing)
+                         "delivered%s", known + 1, first - 1, missing,
+                         " (at most: with the pushed-down filter some were no trigger's)"
+                         if self.pushdown is not None else "")
+
+    def _oldest_held_after(self, known: int) -> int:
+        """The first key past ``known`` vCenter still holds, read through an unfiltered probe
+        collector of one event from ``begin`` (destroyed at once)."""
+        probe = self._create_collector(pushdown=False)
+        try:
+            while True:
+                page = probe.ReadNextEvents(self.page_size)
+                later = [e.key for e in page or () if e.key > known]
+                if later:
+                    return min(later)
+                if not page or len(page) < self.page_size:
+                    return known + 1  # nothing past `known`: nothing missing
+        finally:
+            with contextlib.suppress(Exception):
+                probe.DestroyCollector()
 
     def newest_key(self) -> int | None:
-        """vCenter's newest event key: ``EventManager.latestEvent``, or (simulators that do not
-        set it) the newest in the collector's ``latestPage``."""
+        """The newest event key this reader should see: vCenter's (``EventManager.latestEvent``)
+        or, with a pushed-down filter or on simulators that do not set it, the newest in the
+        collector's ``latestPage`` (vCenter's newest *matching* event)."""
+        latest = self.vcenter_newest_key()
+        if self.pushdown is None:
+            return latest if latest is not None else self._latest_page_key()
+        if latest is not None and latest <= self._known:
+            return latest  # no event at all past ours: nothing to compare
+        if latest is None or latest != self._latest_checked[0]:
+            # latestPage holds up to a page of events: read it only when vCenter has a new one.
+            self._latest_checked = (latest, self._latest_page_key())
+        return self._latest_checked[1]
+
+    def vcenter_newest_key(self) -> int | None:
+        """vCenter's newest event key, whatever the filter (``None``: not reported)."""
         latest = self._property(self.content.eventManager, "latestEvent")
-        if latest is not None:
-            return latest.key
-        if not self._latest_event_missing_logged:
+        return latest.key if latest is not None else None
+
+    def _latest_page_key(self) -> int | None:
+        if not self._latest_event_missing_logged and self.pushdown is None:
             self._latest_event_missing_logged = True
             logger.info("vCenter does not report EventManager.latestEvent (an old simulator?): "
                         "the stall watchdog reads the collector's latestPage instead")

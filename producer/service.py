@@ -1,5 +1,7 @@
-"""The producer loop of one vCenter: read new events, convert, enqueue, archive, then advance
-the checkpoint (the archive's guarantee is in :mod:`vebaq.core.archive`).
+"""The producer loop: read new vCenter events, convert, route (throttled triggers decide in
+Redis), enqueue, archive, then advance the checkpoint (the archive's guarantee is in
+:mod:`vebaq.core.archive`, the throttles' in :mod:`vebaq.core.throttle`). The collector asks
+vCenter only for events some trigger may match (:mod:`producer.pushdown`).
 
 A :class:`ProducerService` reads one vCenter while its lease is held; the
 :mod:`producer.supervisor` takes the leases and runs one service per vCenter in a thread of its
@@ -10,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -18,11 +21,13 @@ from celery import Celery
 from kombu.exceptions import KombuError, OperationalError
 from pyVmomi import vim
 
+from producer import unconverted
 from producer.checkpoint import OVERLAP, CheckpointStore, LeaseLost
 from producer.cloudevent import MalformedEvent, subject_of, to_cloudevent
 from producer.lease import Lease, vcenter_scope
 from producer.metrics import ProducerMetrics, VCenterMetrics
 from producer.notifications import ChangeNotifier
+from producer.pushdown import pushdown_for
 from producer.reader import EventReader, SeenKeys
 from producer.simulated import SIMULATED_URL, SimulatedReader, SimulatedSession
 from producer.vcenter import CONNECTION_LOST, SESSION_LOST, Session, connect
@@ -31,12 +36,14 @@ from vebaq.core.archive import HIGH_WATER, Archive
 from vebaq.core.broker import sender_app
 from vebaq.core.config import Settings, VCenterSettings
 from vebaq.core.envelope import to_structured
-from vebaq.core.errors import LoginRefused, VCenterError, one_line
+from vebaq.core.errors import BrokerError, LoginRefused, VCenterError, one_line
 from vebaq.core.messages import TaskMessage
 from vebaq.core.publish import Publisher
-from vebaq.core.redisdb import client
-from vebaq.core.routing import route
+from vebaq.core.redisdb import check as check_redis
+from vebaq.core.redisdb import client, explain_redis_error, out_of_memory
+from vebaq.core.routing import matching
 from vebaq.core.secrets import redact_url, scrub
+from vebaq.core.throttle import BATCHED, DROP, FIRED, PASS, Batch, Candidate, ThrottleStore
 
 logger = logging.getLogger("vebaq.producer")
 
@@ -56,15 +63,20 @@ class ReadEvent:
     :param messages: the task messages to send, one per matching pool (none: no trigger
         matched, the event is archived and moves the checkpoint);
     :param event: the structured CloudEvent.
+    :param candidates: matches of throttled triggers whose pool has no message yet: sent or
+        not as the throttle decides when the batch is published.
     """
 
     key: int
     created: datetime
     messages: tuple[TaskMessage, ...]
     event: dict | None = None
+    candidates: tuple[Candidate, ...] = ()
 
 #: Errors that mean "Redis did not take the batch": keep it and try again.
 BROKER_ERRORS = (OperationalError, KombuError, redis.RedisError, ConnectionError, OSError)
+#: Errors that come from Redis only (not from vCenter's sockets).
+REDIS_ERRORS = (OperationalError, KombuError, redis.RedisError)
 
 
 #: Polls stay at the poll interval until no event came for this many seconds; only then do
@@ -78,6 +90,13 @@ CATCH_UP_LAG = 30.0
 #: Seconds between two warnings that the archive is shedding or skipping events (each is
 #: counted in the metrics).
 ARCHIVE_WARNING_INTERVAL = 60.0
+
+#: Seconds between two INFO lines per trigger about the events its throttle suppressed (each is
+#: counted in ``vebaq_producer_throttled_total``).
+THROTTLE_LOG_INTERVAL = 60.0
+
+#: Seconds between two checks for batches whose ``within`` ran out.
+BATCH_FLUSH_INTERVAL = 1.0
 
 
 class CatchUp:
@@ -155,16 +174,36 @@ class ProducerService:
         #: Bumped when vCenter numbers its events anew (see producer.cloudevent.event_id).
         self.key_epoch = 0
         self.catch_up = CatchUp()
+        self.throttle: ThrottleStore | None = None
+        self._batching = any(t.throttle is not None and t.throttle.mode == "batch"
+                             for t in settings.triggers)
+        self._batches_checked = 0.0
+        #: trigger → [events suppressed since the last log line, when that line was logged]
+        self._throttle_log: dict[str, list[float]] = {}
+
+    def check_broker(self) -> None:
+        """Redis answers and takes our password, else one line (:class:`BrokerError`)."""
+        check_redis(self.settings.broker_url, self.settings.secrets())
 
     def read(self) -> None:
         """Log in and read until stopped or the lease is lost (the caller took the lease, and
-        releases it afterwards)."""
+        releases it afterwards). Redis failing while it starts is one line
+        (:class:`~vebaq.core.errors.BrokerError`): there is nothing to keep yet."""
+        polling = False
         try:
             self.start()
             if self.session is not None:
+                polling = True
                 self._poll_until_stopped_or_lease_lost()
+        except REDIS_ERRORS as exc:
+            if polling:
+                raise
+            detail = self._explain(exc)
+            raise BrokerError(detail if out_of_memory(exc) else
+                              f"Redis at {redact_url(self.settings.broker_url)}: "
+                              f"{detail}") from None
         finally:
-            self.shutdown()
+            self.shutdown(quiet=not polling)
 
     def start(self) -> None:
         vc = self.vcenter
@@ -181,22 +220,31 @@ class ProducerService:
         self.store = CheckpointStore(self.redis, self.session.instance_uuid, vc.checkpoint_max_age)
         begin, floor, checkpoint = self.store.resume_from(self.session.now())
         seen = SeenKeys(self.store.published_since(begin))
+        self.throttle = ThrottleStore(self.redis, self.session.instance_uuid)
         if self.simulate is not None:
             self.reader = SimulatedReader(begin=begin, floor=floor, seen=seen, **self.simulate)
         else:
+            pushdown, why = pushdown_for(
+                self.settings.triggers, source=self.session.url,
+                instance_uuid=self.session.instance_uuid, type_style=self.settings.cloudevent_type)
+            if not vc.pushdown:
+                pushdown, why = None, "vcenter.pushdown is false"
+            logger.info("pushdown: %s", f"vCenter sends only events with {why}" if pushdown
+                        else f"none, reading every event ({why})")
+            self.metrics.pushdown = why if pushdown else None
             self.reader = EventReader(self.session.content, begin=begin, floor=floor, seen=seen,
-                                      page_size=vc.page_size)
+                                      page_size=vc.page_size, pushdown=pushdown)
         self.reader.open()
         self._start_notifier()
         self.key_epoch = self.store.key_epoch()
         self._check_key_regression(checkpoint.key if checkpoint else None)
         self.metrics.checkpoint_key = checkpoint.key if checkpoint else None
+        self.publisher.declare({t.pool for t in self.settings.triggers})
         where = (f"checkpoint: event {checkpoint.key} of {checkpoint.created.isoformat()}"
                  if checkpoint else "no checkpoint: new events only")
         logger.info("reading vCenter %s (instance %s) from %s (%s); enqueueing to %s",
                     self.session.url, self.session.instance_uuid, begin.isoformat(), where,
                     redact_url(self.settings.broker_url))
-        self.publisher.declare({t.pool for t in self.settings.triggers})
 
     def _check_key_regression(self, last_key: int | None) -> None:
         """A vCenter restored from a backup (or a restarted simulator) numbers its events anew:
@@ -223,6 +271,9 @@ class ProducerService:
             logger.warning("cannot note the vCenter's instance UUID in Redis (%s)",
                            type(exc).__name__)
 
+    def _explain(self, error: BaseException) -> str:
+        return scrub(explain_redis_error(error, self.redis), self.settings.secrets())
+
     def _poll_until_stopped_or_lease_lost(self) -> None:
         vc = self.vcenter
         interval = vc.poll_interval
@@ -234,6 +285,7 @@ class ProducerService:
                 logger.warning("lease lost: %d unpublished event(s) left for the new holder",
                                len(pending))
                 return
+            self._send_due_batches()
             if not pending:
                 polled_at = time.time()
                 try:
@@ -267,7 +319,8 @@ class ProducerService:
                 self.stop.wait(interval)
                 continue
             try:
-                self.notifier.wait(interval, self.stop)
+                self.notifier.wait(interval, self.stop, known=self.reader.known,
+                                   quiet_limit=vc.max_poll_interval)
             except SESSION_LOST + CONNECTION_LOST as exc:
                 self.metrics.poll_failed(exc)
                 self._reconnect(exc)
@@ -280,29 +333,123 @@ class ProducerService:
                     event, source=self.session.url, instance_uuid=self.session.instance_uuid,
                     api_version=self.session.api_version, type_style=self.settings.cloudevent_type,
                     key_epoch=self.key_epoch)
-                structured = to_structured(cloudevent)
+                structured = to_structured(cloudevent, json_data=True)
             except (MalformedEvent, ValueError, TypeError) as exc:
                 self._dead_letter_malformed(event, exc)
                 continue
+            created = cloudevent.get_time()
+            pools: list[str] = []
+            candidates: list[Candidate] = []
+            for trigger in matching(self.settings.triggers, structured):
+                if trigger.pool in pools:
+                    continue
+                if trigger.throttle is None:
+                    pools.append(trigger.pool)
+                elif all(c.trigger.pool != trigger.pool for c in candidates):
+                    candidates.append(Candidate(trigger, structured,
+                                                int(created.timestamp() * 1000)))
             messages = tuple(TaskMessage(structured["subject"], structured, pool)
-                             for pool in route(self.settings.triggers, structured))
-            converted.append(ReadEvent(event.key, cloudevent.get_time(), messages, structured))
+                             for pool in pools)
+            candidates = [c for c in candidates if c.trigger.pool not in pools]
+            converted.append(ReadEvent(event.key, created, messages, structured,
+                                       tuple(candidates)))
         return converted
 
+    def _throttled(self, pending: list[ReadEvent]
+                   ) -> tuple[list[TaskMessage], list[Batch], list[tuple[Candidate, str]]]:
+        """Every task message of the batch once the throttles decided (in Redis, atomically and
+        idempotently), every batch waiting to be sent, and the candidates held back with their
+        decision (counted once the batch is published)."""
+        candidates = [c for item in pending for c in item.candidates]
+        decisions = iter(self.throttle.decide(candidates))
+        messages: list[TaskMessage] = []
+        held: list[tuple[Candidate, str]] = []
+        for item in pending:
+            messages.extend(item.messages)
+            for candidate in item.candidates:
+                decision = next(decisions)
+                if decision == PASS:
+                    messages.append(TaskMessage(item.event["subject"], item.event,
+                                                candidate.trigger.pool))
+                else:
+                    held.append((candidate, decision))
+        batches = self.throttle.firing() if self._batching else []
+        messages.extend(self._batch_message(b) for b in batches)
+        return messages, batches, held
+
+    def _count_held(self, held: list[tuple[Candidate, str]], batches: list[Batch]) -> None:
+        for candidate, decision in held:
+            name = candidate.trigger.name
+            if decision == DROP:
+                self.metrics.throttled.labels(trigger=name).inc()
+                self._log_throttled(candidate)
+            elif decision in (BATCHED, FIRED):
+                self.metrics.batched.labels(trigger=name).inc()
+        for sent in batches:
+            self.metrics.batches.labels(trigger=sent.trigger).inc()
+
+    def _batch_message(self, batch: Batch) -> TaskMessage:
+        event = batch.cloudevent()
+        return TaskMessage(str(event.get("subject") or event["type"]), event, batch.pool)
+
+    def _log_throttled(self, candidate: Candidate) -> None:
+        """One INFO line per trigger and :data:`THROTTLE_LOG_INTERVAL` about what its throttle
+        suppressed (each event is counted all the same)."""
+        name = candidate.trigger.name
+        state = self._throttle_log.setdefault(name, [0, 0.0])
+        state[0] += 1
+        if time.monotonic() - state[1] >= THROTTLE_LOG_INTERVAL:
+            logger.info("throttle: trigger %r (%s) suppressed %d event(s) since its last line, "
+                        "e.g. %s for key %s", name, candidate.trigger.throttle.describe(),
+                        state[0], candidate.event.get("subject"), candidate.key)
+            state[0], state[1] = 0, time.monotonic()
+
+    def _send_due_batches(self) -> None:
+        """Send the batches whose ``within`` ran out (and any a killed producer left), every
+        :data:`BATCH_FLUSH_INTERVAL` at most; a Redis error leaves them for the next time."""
+        if not self._batching or self.throttle is None or \
+                time.monotonic() - self._batches_checked < BATCH_FLUSH_INTERVAL:
+            return
+        self._batches_checked = time.monotonic()
+        try:
+            self.throttle.flush_due(int(time.time() * 1000))
+            batches = self.throttle.firing()
+            if not batches:
+                return
+            self.publisher.publish([self._batch_message(b) for b in batches])
+            self.throttle.settle((), batches)
+        except BROKER_ERRORS as exc:
+            logger.warning("throttle: could not send the batches due (%s); trying again",
+                           self._explain(exc))
+            return
+        self._count_held([], batches)
+        for batch in batches:
+            self.metrics.published.labels(pool=batch.pool).inc()
+        logger.info("throttle: sent %d batch(es) due: %s", len(batches),
+                    ", ".join(f"{b.trigger} key {b.key} ({len(b.events)} event(s))"
+                              for b in batches))
+
     def _dead_letter_malformed(self, event: vim.event.Event, exc: Exception) -> None:
+        """Dead-letter an event that cannot be converted, replayably (see
+        :mod:`producer.unconverted`)."""
         self.metrics.malformed.inc()
-        logger.error("cannot convert %s (key %r): %s; dead-lettered", subject_of(event),
-                     getattr(event, "key", None), exc)
-        deadletters.add(self.redis, task_name=subject_of(event), pool=None, function="producer",
-                        event={"vcenter": self.session.url, "raw": str(event)[:20000]},
-                        error=exc, attempt=1)
+        kept = unconverted.dead_letter_event(
+            event, source=self.session.url, instance_uuid=self.session.instance_uuid,
+            api_version=self.session.api_version, key_epoch=self.key_epoch)
+        letter = deadletters.add(self.redis, task_name=subject_of(event), pool=None,
+                                 function=unconverted.FUNCTION, event=kept, error=exc, attempt=1)
+        logger.error("cannot convert %s (key %r): %s; dead letter %s%s", subject_of(event),
+                     getattr(event, "key", None), exc, letter,
+                     f" (not replayable: {kept['notReplayable']})" if "notReplayable" in kept
+                     else " (`vebaq dlq replay` converts it again)")
 
     def _publish(self, pending: list[ReadEvent]) -> bool:
         """Enqueue, archive, then commit the checkpoint; False (batch kept) if Redis failed."""
-        batch = [message for item in pending for message in item.messages]
+        encoded: dict[int, str] = {}  # each event's JSON, from the publisher to the archive
         try:
-            self.publisher.publish(batch)
-            self._archive(pending)
+            batch, batches, held = self._throttled(pending)
+            self.publisher.publish(batch, encoded=encoded)
+            self._archive(pending, encoded)
             checkpoint = self.store.commit([(item.key, item.created) for item in pending],
                                            self.reader.floor, fence=self.lease)
         except LeaseLost:
@@ -312,11 +459,12 @@ class ProducerService:
         except BROKER_ERRORS as exc:
             self.metrics.publish_errors.inc()
             logger.error("Redis did not take %d event(s), keeping them and retrying: %s",
-                         len(pending), scrub(str(exc), self.settings.secrets()))
+                         len(pending), self._explain(exc))
             return False
-        for message in batch:
-            self.metrics.published.labels(pool=message.pool).inc()
-        self._settle(pending)
+        for pool, count in Counter(message.pool for message in batch).items():
+            self.metrics.published.labels(pool=pool).inc(count)
+        self._count_held(held, batches)
+        self._settle(pending, batches)
         self.reader.confirmed([item.key for item in pending], checkpoint.created - OVERLAP)
         self.metrics.checkpoint_time.set(checkpoint.updated)
         self.metrics.checkpoint_key = checkpoint.key
@@ -326,7 +474,7 @@ class ProducerService:
                     len(pending), pending[0].key, pending[-1].key, len(batch), checkpoint.key)
         return True
 
-    def _archive(self, pending: list[ReadEvent]) -> None:
+    def _archive(self, pending: list[ReadEvent], encoded: dict[int, str] | None = None) -> None:
         """Archive the enqueued batch. Connection errors propagate (the batch is kept and sent
         again, the archive skips what it already has); Redis refusing the append does not stop
         the checkpoint: the events are enqueued, only their copy is missing, which is said."""
@@ -334,7 +482,8 @@ class ProducerService:
             return
         events = [(item.event, item.created) for item in pending if item.event is not None]
         try:
-            result = self.archive.append(self.session.instance_uuid, self.session.url, events)
+            result = self.archive.append(self.session.instance_uuid, self.session.url, events,
+                                         encoded=encoded)
         except redis.ResponseError as exc:
             self.metrics.archive_skipped.labels(reason="error").inc(len(events))
             logger.error("archive: %d enqueued event(s) not archived: Redis refused: %s",
@@ -363,9 +512,15 @@ class ProducerService:
                 logger.warning("archive: Redis is %s: %d oldest archived event(s) dropped to "
                                "leave room for tasks", full, result.shed)
 
-    def _settle(self, pending: list[ReadEvent]) -> None:
-        """The checkpoint moved past these events: the archive need not recognise them again
-        (failing is harmless: the ids expire)."""
+    def _settle(self, pending: list[ReadEvent], batches: list[Batch]) -> None:
+        """The checkpoint moved past these events: the archive need not recognise them again,
+        nor the throttles their decisions (failing is harmless: the ids expire)."""
+        candidates = [c for item in pending for c in item.candidates]
+        if candidates or batches:
+            try:
+                self.throttle.settle(candidates, batches)
+            except BROKER_ERRORS as exc:
+                logger.warning("throttle: could not settle a batch (%s)", type(exc).__name__)
         if self.archive is None:
             return
         try:
@@ -433,7 +588,9 @@ class ProducerService:
         if self.simulate is None and self.vcenter.notifications and not gave_up:
             self.notifier = ChangeNotifier(self.session.content)
 
-    def shutdown(self) -> None:
+    def shutdown(self, quiet: bool = False) -> None:
+        """Close the notifier, the reader and the session; ``quiet``: a start that failed (or
+        never logged in), which its error line says alone."""
         if self.notifier is not None:
             self.notifier.close()
             self.notifier = None
@@ -444,3 +601,5 @@ class ProducerService:
             self.session.close()
             self.session = None
         self.metrics.connected = False
+        if not quiet:
+            logger.info("stopped reading vCenter %s", self.vcenter.url)

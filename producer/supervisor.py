@@ -59,7 +59,8 @@ from vebaq.core.config import Settings, VCenterSettings
 from vebaq.core.errors import BrokerError, VebaqError
 from vebaq.core.logs import label_thread
 from vebaq.core.publish import Publisher
-from vebaq.core.redisdb import client
+from vebaq.core.redisdb import check as check_redis
+from vebaq.core.redisdb import client, explain_redis_error, out_of_memory
 from vebaq.core.secrets import redact_url, scrub
 
 logger = logging.getLogger("vebaq.producer")
@@ -149,24 +150,19 @@ class Supervisor:
         self._surplus_since: float | None = None
         self._beat_warned = 0.0
         self._fatal: BaseException | None = None
+        self._rounds = 0
 
     def _shard(self, vc: VCenterSettings) -> Shard:
-        scope = vcenter_scope(None if self.simulate is not None else vc.url)
-        return Shard(vc, Lease(self.redis, scope, holder=self.id), self.metrics.vcenter(vc.url),
-                     _label(vc.url))
+        url = vc.url or ""  # none configured: check() says so before anything runs
+        scope = vcenter_scope(None if self.simulate is not None else url)
+        return Shard(vc, Lease(self.redis, scope, holder=self.id), self.metrics.vcenter(url),
+                     _label(url))
 
     # --- start-up: every failure here is one clear line and a non-zero exit
 
     def check(self) -> None:
         """Redis answers, and every vCenter has what a login needs (else the key is named)."""
-        try:
-            self.redis.ping()
-        except redis.AuthenticationError:
-            raise BrokerError(f"Redis at {redact_url(self.settings.broker_url)} refused the "
-                              f"password") from None
-        except redis.RedisError as exc:
-            raise BrokerError(f"cannot reach Redis at {redact_url(self.settings.broker_url)}: "
-                              f"{scrub(str(exc), self.settings.secrets())}") from None
+        check_redis(self.settings.broker_url, self.settings.secrets())
         if self.simulate is None:
             for shard in self.shards:
                 check(shard.vcenter)
@@ -204,12 +200,16 @@ class Supervisor:
         try:
             live = self.membership.beat(self.state())
         except redis.RedisError as exc:
+            if not self._rounds:
+                self._fatal = self._start_failed(exc)
+                return
             # Take nothing, hand nothing over: the leases expire by themselves if Redis stays
             # away, and the loops say what they cannot do.
             if time.monotonic() - self._beat_warned >= BEAT_WARNING_INTERVAL:
                 self._beat_warned = time.monotonic()
                 logger.warning("Redis does not take the producer heartbeat (%s): leases neither "
-                               "taken nor handed over meanwhile", type(exc).__name__)
+                               "taken nor handed over meanwhile",
+                               explain_redis_error(exc, self.redis))
             return
         previous = self.share
         self.live, self.share = live, share(len(self.shards), live)
@@ -220,7 +220,19 @@ class Supervisor:
         try:
             self._rebalance()
         except redis.RedisError as exc:
-            logger.warning("cannot take or hand over leases this round: %s", type(exc).__name__)
+            if not self._rounds:
+                self._fatal = self._start_failed(exc)
+                return
+            logger.warning("cannot take or hand over leases this round: %s",
+                           explain_redis_error(exc, self.redis))
+        self._rounds += 1
+
+    def _start_failed(self, exc: redis.RedisError) -> BrokerError:
+        """Redis failing the first round (it answered the ping, but e.g. is out of memory):
+        one line, as any start-up failure; later it is a warning and the next round."""
+        detail = scrub(explain_redis_error(exc, self.redis), self.settings.secrets())
+        return BrokerError(detail if out_of_memory(exc) else
+                           f"Redis at {redact_url(self.settings.broker_url)}: {detail}")
 
     def _preference(self, shard: Shard) -> int:
         digest = hashlib.sha256(f"{self.id}|{shard.lease.scope}".encode()).digest()
@@ -356,4 +368,5 @@ class Supervisor:
                 shard.metrics.held = False
         with contextlib.suppress(redis.RedisError):  # else the heartbeat goes stale by itself
             self.membership.leave()
-        logger.info("producer stopped")
+        if self._fatal is None:  # else its one line says it all
+            logger.info("producer stopped")

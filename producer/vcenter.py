@@ -1,4 +1,6 @@
-"""Connecting to vCenter with pyvmomi, with every failure turned into one clear line.
+"""Connecting to vCenter with pyvmomi, with every failure turned into one clear line; every SOAP
+call of a session is counted per vCenter and method (:data:`CALLS`, exported as
+``vebaq_producer_vcenter_calls_total{method,vcenter}``: what the producer costs vCenter).
 
 Sessions of several vCenters are opened from their own threads (:mod:`producer.supervisor`):
 each thread has its own session, and only the login touches process-wide state (the default
@@ -6,6 +8,7 @@ socket timeout, see :func:`_bound_sockets`)."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import http.client
 import socket
@@ -27,6 +30,30 @@ SESSION_LOST = (vim.fault.NotAuthenticated, vim.fault.InvalidState,
 
 #: Transport failures: vCenter restarting, network blips.
 CONNECTION_LOST = (OSError, http.client.HTTPException, ssl.SSLError)
+
+#: SOAP calls this process made to vCenter after each login, by vCenter (its configured URL) and
+#: WSDL method name (property reads through pyvmomi's accessors are ``Fetch``); the login's own
+#: few calls are not counted. Each vCenter's session counts from its own thread only.
+CALLS: collections.Counter[tuple[str, str]] = collections.Counter()
+
+
+def calls(method: str, vcenter: str | None = None) -> int:
+    """How many calls of ``method`` were made so far, to one vCenter or to all."""
+    return sum(n for (url, name), n in CALLS.items() if name == method and vcenter in (None, url))
+
+
+def count_calls(si: vim.ServiceInstance, url: str) -> None:
+    """Count every later call of ``si``'s session (with the vCenter at ``url``) in
+    :data:`CALLS`: pyvmomi sends each method call and property read through its stub's
+    ``InvokeMethod``."""
+    stub = si._stub
+    invoke = stub.InvokeMethod
+
+    def counted(mo: object, info: object, args: object, *rest: object, **options: object) -> object:
+        CALLS[url, getattr(info, "wsdlName", None) or "?"] += 1
+        return invoke(mo, info, args, *rest, **options)
+
+    stub.InvokeMethod = counted
 
 
 @dataclass
@@ -140,6 +167,7 @@ def connect(settings: VCenterSettings) -> Session:
                            f"{str(exc)[:200]})") from None
     finally:
         _unbound_sockets(settings.request_timeout)
+    count_calls(si, settings.url)
     content = si.RetrieveContent()
     return Session(si, content, settings.url, content.about.instanceUuid,
                    content.about.apiVersion)

@@ -31,3 +31,28 @@ if POINT in ("before-archive", "after-archive"):
         return result
 
     Archive.append = append  # type: ignore[method-assign]
+
+if POINT in ("after-throttle-decision", "before-throttle-settle"):
+    # The crash windows of vebaq.core.throttle's guarantee, at the first batch of events whose
+    # decisions filled a batch: decided (state and memo written) but nothing enqueued; or
+    # enqueued and checkpointed but the decisions not yet settled.
+    from vebaq.core.throttle import FIRED, ThrottleStore
+
+    _decide, _settle = ThrottleStore.decide, ThrottleStore.settle
+
+    def decide(self: ThrottleStore, candidates: Any) -> list[str]:
+        decisions = _decide(self, candidates)
+        if POINT == "after-throttle-decision" and FIRED in decisions and \
+                self.redis.set(CRASHED, POINT, nx=True):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return decisions
+
+    def settle(self: ThrottleStore, candidates: Any, batches: Any) -> None:
+        batches = list(batches)
+        if POINT == "before-throttle-settle" and batches and \
+                self.redis.set(CRASHED, POINT, nx=True):
+            os.kill(os.getpid(), signal.SIGKILL)
+        _settle(self, candidates, batches)
+
+    ThrottleStore.decide = decide  # type: ignore[method-assign]
+    ThrottleStore.settle = settle  # type: ignore[method-assign]

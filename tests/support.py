@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -20,6 +22,8 @@ from urllib.parse import urlsplit
 import redis
 from pyVim.connect import Disconnect, SmartConnect
 from pyVmomi import vim
+
+from producer.cloudevent import event_id
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache"
@@ -350,3 +354,40 @@ class CuttableProxy:
         self._closed = True
         self.listener.close()
         self.cut()
+
+
+# --- counting what a producer enqueued (tasks wait in the echo queue: no worker reads it)
+
+def enqueued(r: redis.Redis) -> Counter[str]:
+    """Tasks waiting in the echo pool's queue, per CloudEvent id (no worker consumes them)."""
+    return Counter(json.loads(raw)["headers"]["id"].rsplit(":", 1)[0]
+                   for raw in r.lrange("echo", 0, -1))
+
+
+def post(vcenter: VCenter, count: int, label: str) -> list[str]:
+    """Post ``count`` events; returns their CloudEvent ids (each one's key from a one-event
+    collector's latestPage: old simulators leave latestEvent unset)."""
+    ids = []
+    probe = vcenter.content.eventManager.CreateCollectorForEvents(vim.event.EventFilterSpec())
+    probe.SetCollectorPageSize(1)
+    try:
+        for i in range(count):
+            vcenter.post(vim.event.GeneralUserEvent(message=f"{label} {i}"))
+            ids.append(event_id(vcenter.instance_uuid, probe.latestPage[0].key))
+    finally:
+        probe.DestroyCollector()
+    return ids
+
+
+def report(name: str, sent: list[str], r: redis.Redis) -> tuple[int, int]:
+    counts = enqueued(r)
+    handled = sum(1 for i in sent if counts[i])
+    lost = len(sent) - handled
+    duplicates = sum(counts[i] - 1 for i in sent if counts[i] > 1)
+    print(f"\n[{name}] sent={len(sent)} handled={handled} lost={lost} duplicates={duplicates}")
+    return lost, duplicates
+
+
+def all_enqueued(r: redis.Redis, sent: list[str]) -> bool:
+    counts = enqueued(r)
+    return all(counts[i] for i in sent)

@@ -281,3 +281,46 @@ pools: {fn: {sink: https://fn.example/, retry: 2}}
         assert route(settings.triggers, {"subject": "VmPoweredOffEvent"}) == ["fn"]
     finally:
         REGISTRY.pop("fn", None)
+
+
+# --- per-pool limits: the poison breaker, event size, time limits
+
+
+def test_pool_limits_default_to_three_deliveries_1_mib_and_270_s() -> None:
+    limits = config.load(environ={}).pool_limits("echo")
+    assert (limits.max_deliveries, limits.max_event_bytes) == (3, 1024 * 1024)
+    assert (limits.time_limit, limits.soft_time_limit) == (270.0, 243.0)
+
+
+def test_default_time_limits_stay_below_a_short_visibility_timeout() -> None:
+    limits = config.load(environ={"VEBAQ_VISIBILITY_TIMEOUT": "5"}).pool_limits("echo")
+    assert limits.time_limit == 4.5 and limits.soft_time_limit == 4.05
+
+
+def test_pool_limits_from_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "pools:\n  tickets: {retry: 2, maxDeliveries: 5, maxEventBytes: 512KiB,"
+                           " softTimeLimit: 1m, timeLimit: 90s}\n")
+    settings = config.load(path, environ={}, known_pools=POOLS)
+    limits = settings.pool_limits("tickets")
+    assert (limits.max_deliveries, limits.max_event_bytes) == (5, 512 * 1024)
+    assert (limits.soft_time_limit, limits.time_limit) == (60.0, 90.0)
+    assert settings.retry_policy("tickets").max_retries == 2
+
+
+@pytest.mark.parametrize(("pool", "message"), [
+    ("{timeLimit: 10m}", "pools.echo.timeLimit: must be > 0 and below broker.visibilityTimeout "
+                         "(300s), got 600s"),
+    ("{softTimeLimit: 60, timeLimit: 30}", "pools.echo.softTimeLimit: must be > 0 and below "
+                                           "timeLimit (30s), got 60s"),
+    ("{softTimeLimit: 280}", "pools.echo.softTimeLimit: 280s is not below the default timeLimit "
+                             "(270s); set timeLimit too"),
+    ("{maxDeliveries: 0}", "pools.echo.maxDeliveries: must be ≥ 1"),
+    ("{maxEventBytes: lots}", "pools.echo.maxEventBytes: expected a size such as 1048576, "
+                              "512KiB or 1MiB, got 'lots'"),
+    ("{maxDelivery: 3}", "pools.echo.maxDelivery: unknown key (expected one of backoffDelay, "),
+])
+def test_bad_pool_limits_name_the_key(tmp_path: Path, pool: str, message: str) -> None:
+    path = write(tmp_path, f"pools:\n  echo: {pool}\n")
+    with pytest.raises(ConfigError) as raised:
+        config.load(path, environ={}, known_pools=POOLS)
+    assert message in str(raised.value)

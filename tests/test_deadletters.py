@@ -119,7 +119,7 @@ def test_replay_sends_a_first_attempt_to_the_pool_then_removes_the_record(
         celery_app: Celery, redis_client: redis.Redis) -> None:
     event = flaky.structured_event("DoomedEvent")
     letter_id = add(redis_client, event=event)
-    task_id = deadletters.replay(Publisher(celery_app), redis_client, letter_id)
+    [task_id] = deadletters.replay(Publisher(celery_app), redis_client, letter_id)
     [message] = flaky.queued(redis_client, "flaky")
     assert message["headers"]["task"] == "DoomedEvent"
     assert task_id.startswith(f"{event['id']}:flaky:replay-")

@@ -91,8 +91,8 @@ def test_an_unreachable_broker_is_one_line(runner: CliRunner,
     monkeypatch.setenv("VEBAQ_BROKER_URL", "redis://:hunter2@127.0.0.1:1/0")
     result = dlq(runner, "stats")
     assert result.exit_code == 4
-    assert result.stderr.startswith("vebaq: error: broker redis://:***@127.0.0.1:1/0: "
-                                    "ConnectionError")
+    assert result.stderr.startswith("vebaq: error: cannot reach Redis at "
+                                    "redis://:***@127.0.0.1:1/0: ")
     assert result.stderr.count("\n") == 1 and "hunter2" not in result.stderr
 
 

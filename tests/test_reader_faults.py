@@ -9,11 +9,11 @@ duplicates (tasks enqueued twice for one event) and asserts lost = 0 and duplica
 from __future__ import annotations
 
 import json
+import signal
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -28,8 +28,11 @@ from tests.support import (
     Proc,
     Simulator,
     VCenter,
+    all_enqueued,
     build_vcsim,
     free_port,
+    post,
+    report,
     start_producer,
     vebaq_argv,
     wait_until,
@@ -39,37 +42,6 @@ pytestmark = pytest.mark.slow
 
 #: The peer's collector capacity in these tests: small, so that a burst of 10× it is quick.
 CAPACITY = 100
-
-
-def enqueued(r: redis.Redis) -> Counter[str]:
-    """Tasks waiting in the echo pool's queue, per CloudEvent id (no worker consumes them)."""
-    return Counter(json.loads(raw)["headers"]["id"].rsplit(":", 1)[0]
-                   for raw in r.lrange("echo", 0, -1))
-
-
-def post(vcenter: VCenter, count: int, label: str) -> list[str]:
-    """Post ``count`` events; returns their CloudEvent ids (the peer's latestEvent gives each
-    one's key)."""
-    ids = []
-    manager = vcenter.content.eventManager
-    for i in range(count):
-        vcenter.post(vim.event.GeneralUserEvent(message=f"{label} {i}"))
-        ids.append(event_id(vcenter.instance_uuid, manager.latestEvent.key))
-    return ids
-
-
-def report(name: str, sent: list[str], r: redis.Redis) -> tuple[int, int]:
-    counts = enqueued(r)
-    handled = sum(1 for i in sent if counts[i])
-    lost = len(sent) - handled
-    duplicates = sum(counts[i] - 1 for i in sent if counts[i] > 1)
-    print(f"\n[{name}] sent={len(sent)} handled={handled} lost={lost} duplicates={duplicates}")
-    return lost, duplicates
-
-
-def all_enqueued(r: redis.Redis, sent: list[str]) -> bool:
-    counts = enqueued(r)
-    return all(counts[i] for i in sent)
 
 
 def collectors(url: str) -> dict:
@@ -130,21 +102,30 @@ def test_steady_flow_with_a_producer_restart(env: dict[str, str], peer: Simulato
     assert "collector stalled" not in producer.log()
 
 
+@pytest.mark.parametrize("notifications", ["true", "false"])
 def test_a_burst_of_ten_times_the_capacity_is_recovered(
-        env: dict[str, str], peer: Simulator, log_dir: Path, redis_client: redis.Redis) -> None:
+        env: dict[str, str], peer: Simulator, log_dir: Path, redis_client: redis.Redis,
+        notifications: str) -> None:
+    """The whole burst lands while the producer does not read (it is stopped, as a producer
+    busy elsewhere or a slow poll would be): its collector goes stale, silently."""
     vcenter = VCenter(peer.url)
+    env = {**env, "VCENTER_NOTIFICATIONS": notifications}
     producer = start(env, log_dir, metrics_port=(port := free_port()))
     sent = post(vcenter, 5, "warm-up")
     wait_until(lambda: all_enqueued(redis_client, sent), 30, "the warm-up")
-    # Faster than one poll (the tests poll every 0.2 s): post from several sessions at once.
+    producer.signal(signal.SIGSTOP)
     burst_started = time.monotonic()
-    sent += _parallel_post(peer.url, 10 * CAPACITY, "burst")
+    try:
+        sent += _parallel_post(peer.url, 10 * CAPACITY, "burst")
+    finally:
+        producer.signal(signal.SIGCONT)
     wait_until(lambda: all_enqueued(redis_client, sent), 60, "every burst event enqueued")
     recovered = time.monotonic() - burst_started
     resets = metric(port, "vebaq_collector_resets_total")
     producer.stop()
-    print(f"\n[burst] {10 * CAPACITY} events (capacity {CAPACITY}): all enqueued "
-          f"{recovered:.1f}s after the burst began; collector resets={resets:.0f}")
+    print(f"\n[burst] {10 * CAPACITY} events (capacity {CAPACITY}), notifications "
+          f"{notifications}: all enqueued {recovered:.1f}s after the burst began; collector "
+          f"resets={resets:.0f}")
     assert report("burst 10x capacity", sent, redis_client) == (0, 0)
     assert resets >= 1 and "collector stalled" in producer.log()
     assert collectors(peer.url)["live"] == 0  # destroyed on shutdown

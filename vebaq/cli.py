@@ -2,6 +2,11 @@
 
 Every :class:`~vebaq.core.errors.VebaqError` ends the command with one line on stderr and the
 error's exit status; no traceback, no secret.
+
+Each command imports the producer, the workers or the dev tools when it runs, not at the top:
+``vebaq --help``, a usage error or a ``dlq`` command start without importing Celery's worker,
+pyvmomi's ~450 event classes and every function module (these imports dodge no cycle: the CLI
+is the top layer).
 """
 
 from __future__ import annotations
@@ -190,9 +195,12 @@ def worker(pools: tuple[str, ...], concurrency: int | None, pool_impl: str | Non
 def dev(pools: tuple[str, ...], simulate: bool | None, rate: float, flower_port: int,
         metrics_port: int) -> None:
     """Run the whole pipeline in one terminal: broker, producer, workers, Flower."""
+    from vebaq.core import redisdb
     from vebaq.devtools import dev as dev_mode
 
-    load_settings(None)  # refuse a bad config before starting anything
+    settings = load_settings(None)  # refuse a bad config before starting anything
+    if os.environ.get("VEBAQ_BROKER_URL"):  # and a Redis that refuses us
+        redisdb.check(settings.broker_url, settings.secrets())
     sys.exit(dev_mode.run(pools, simulate, rate, flower_port, metrics_port))
 
 
@@ -214,15 +222,19 @@ class CommandError(click.ClickException):
 
 def _one_line_errors(ctx: click.Context, invoke: Callable[[click.Context], object]) -> object:
     import redis
-    from kombu.exceptions import OperationalError
+    from kombu.exceptions import KombuError, OperationalError
+
+    from vebaq.core.redisdb import explain_redis_error
 
     try:
         return invoke(ctx)
     except VebaqError as exc:
         raise CommandError(exc) from None
-    except (redis.RedisError, OperationalError) as exc:
-        broker = ctx.obj.broker() if isinstance(ctx.obj, BrokerStore) else "?"
-        raise CommandError(BrokerError(f"broker {broker}: {type(exc).__name__}: {exc}")) \
+    except (redis.RedisError, OperationalError, KombuError) as exc:
+        store = ctx.obj if isinstance(ctx.obj, BrokerStore) else None
+        broker = store.broker() if store else "?"
+        r = store.__dict__.get("redis") if store else None
+        raise CommandError(BrokerError(f"broker {broker}: {explain_redis_error(exc, r)}")) \
             from None
 
 
@@ -256,6 +268,9 @@ class BrokerStore:
     def redis(self) -> redis.Redis:
         import redis
 
+        from vebaq.core.redisdb import check
+
+        check(self.settings.broker_url, self.settings.secrets())  # one line if it refuses us
         return redis.Redis.from_url(self.settings.broker_url, socket_connect_timeout=5,
                                     socket_timeout=30)
 
@@ -376,23 +391,39 @@ def dlq_replay(store: BrokerStore, letter_id: str | None, replay_all: bool,
     """Send dead letters to their pool again.
 
     Each goes as a first attempt of the function that failed, and its record is deleted once
-    the broker has the message."""
+    the broker has the message. An event the producer could not convert is converted again and
+    sent to the pools today's triggers route it to."""
+    from producer import unconverted
+
     if bool(letter_id) == replay_all:
         raise click.UsageError("give one dead letter ID, or --all")
     if not replay_all and (subject or pool):
         raise click.UsageError("--subject and --pool go with --all")
     r, pools = store.redis, store.pools
 
-    def replay(record: dict) -> None:
+    def replay(record: dict) -> str:
+        """Replay one record; returns where it went, for the output."""
+        if unconverted.is_producer_letter(record):
+            sent: set[str] = set()
+
+            def reconverted(record: dict) -> list:
+                messages = list(unconverted.replay_messages(record, store.settings))
+                sent.update(message.pool for message in messages)
+                return messages
+
+            deadletters.replay(store.publisher, r, record["id"], reconverted)
+            return (f"converted again, sent to {', '.join(sorted(sent))}" if sent else
+                    "converted again; no trigger routes it to a pool today, nothing sent")
         if record.get("pool") not in pools:
             raise NotReplayable(
                 f"dead letter {record['id']}: pool {record.get('pool')!r} is not a pool of this "
                 f"configuration (known: {', '.join(sorted(pools))})")
         deadletters.replay(store.publisher, r, record["id"])
+        return ""
 
     if letter_id:
-        replay(deadletters.get(r, letter_id))
-        click.echo(f"replayed 1 dead letter ({letter_id})")
+        where = replay(deadletters.get(r, letter_id))
+        click.echo(f"replayed 1 dead letter ({letter_id})" + (f": {where}" if where else ""))
         return
     letters = deadletters.list_letters(r, subject=subject, pool=pool)
     replayed, skipped = 0, []
@@ -633,9 +664,14 @@ def status(ctx: click.Context, as_json: bool, config_path: str | None) -> None:
 def main() -> None:
     """Entry point: run the CLI, turning vebaq's errors into one line and an exit status."""
     try:
-        cli.main(standalone_mode=False)
+        cli.main(standalone_mode=False, prog_name="vebaq")
     except click.exceptions.Abort:
         sys.exit(130)
+    except click.UsageError as exc:  # one line too, not click's usage block
+        command = exc.ctx.command_path if exc.ctx is not None else "vebaq"
+        click.echo(error_line(f"{exc.format_message().rstrip('.')} (see '{command} --help')"),
+                   err=True)
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)

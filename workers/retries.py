@@ -68,10 +68,15 @@ class DeadLettered(Exception):
 
 @dataclass(frozen=True)
 class Failure:
-    """One function that raised while handling a message."""
+    """One function that failed while handling a message.
+
+    :param attempts: how often it ran, when that is not the message's attempt (the poison
+        breaker's count of interrupted runs).
+    """
 
     function: str
     error: BaseException
+    attempts: int | None = None
 
 
 def retry_delay(policy: RetryPolicy, attempt: int, errors: Sequence[BaseException],
@@ -89,11 +94,15 @@ def retry_delay(policy: RetryPolicy, attempt: int, errors: Sequence[BaseExceptio
 
 def dead_letter(task: Task, r: redis.Redis, event: Any, pool: Any, function: str | None,
                 error: BaseException, attempt: int, first_failed_at: float | None = None,
-                force: str | None = None) -> str:
-    """Record a dead letter for ``function`` (``None``: the whole message); returns its id."""
+                force: str | None = None, message: dict[str, Any] | None = None) -> str:
+    """Record a dead letter for ``function`` (``None``: the whole message); returns its id.
+
+    :param force: the token of the forced replay that failed, kept for its replay.
+    :param message: the task call as received, for a message that is not a vebaq task call."""
     letter = deadletters.add(r, task_name=task.name, pool=pool, function=function, event=event,
                              error=error, attempt=attempt, first_failed_at=first_failed_at,
-                             task_id=getattr(task.request, "id", None), force=force)
+                             task_id=getattr(task.request, "id", None), force=force,
+                             message=message)
     logger.error("%s → dead letter %s (%s, %d attempt(s)): %s", task.name, letter,
                  function or "message", attempt, describe(error))
     return letter
@@ -116,7 +125,8 @@ def handle_failures(task: Task, r: redis.Redis, message: TaskMessage,
     for failure in failures:
         if isinstance(failure.error, PermanentError) or attempt > policy.max_retries:
             letter = dead_letter(task, r, dict(message.event), message.pool, failure.function,
-                                 failure.error, attempt, first_failed_at, force=message.force)
+                                 failure.error, failure.attempts or attempt, first_failed_at,
+                                 force=message.force)
             letters.append((letter, failure))
         else:
             retrying.append(failure)

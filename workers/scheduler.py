@@ -18,7 +18,7 @@ from celery import Celery
 
 from vebaq.core import retrystore
 from vebaq.core.publish import Publisher
-from vebaq.core.redisdb import client
+from vebaq.core.redisdb import client, explain_redis_error
 
 logger = logging.getLogger("vebaq.scheduler")
 
@@ -68,7 +68,7 @@ class Scheduler(threading.Thread):
             except Exception as exc:  # Redis or broker down: retries wait in Redis, try later
                 if not failing:
                     logger.warning("retry scheduler: cannot send due retries (will keep "
-                                   "trying): %s: %s", type(exc).__name__, exc)
+                                   "trying): %s", explain_redis_error(exc, self.redis))
                 failing = True
             else:
                 if failing:

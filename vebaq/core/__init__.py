@@ -15,5 +15,7 @@ it builds no Celery app. Modules, bottom up:
 * :mod:`~vebaq.core.broker`, :mod:`~vebaq.core.publish` — the Celery settings both sides share,
   and enqueueing task messages in pipelined batches;
 * :mod:`~vebaq.core.archive`, :mod:`~vebaq.core.replay` — the event archive the producer
-  appends to, and replaying a time range of it (``vebaq replay``).
+  appends to, and replaying a time range of it (``vebaq replay``);
+* :mod:`~vebaq.core.throttle` — per-key throttles and batches of triggers, their state in
+  Redis (the producer decides with it).
 """

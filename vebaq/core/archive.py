@@ -295,9 +295,12 @@ class Archive:
 
     def append(self, instance_uuid: str, source: str,
                events: Sequence[tuple[Mapping[str, Any], datetime]],
-               now: float | None = None) -> Appended:
+               now: float | None = None, encoded: Mapping[int, str] | None = None) -> Appended:
         """Archive ``(structured CloudEvent, creation time)`` pairs, in order, all or nothing;
         skips events already archived and not yet settled, and trims to the bounds.
+
+        :param encoded: ``id(event)`` → the event's compact JSON where the caller has it already
+            (the publisher's :func:`vebaq.core.publish.event_json`, the same text).
 
         Raises redis errors (``OutOfMemoryError`` is reported as ``out_of_memory`` instead)."""
         if not events:
@@ -308,9 +311,12 @@ class Archive:
             int((now if now is not None else datetime.now(UTC).timestamp()) * 1000),
             int(bounds.max_age * 1000), bounds.max_entries, bounds.max_bytes, HIGH_WATER,
             ENTRY_OVERHEAD, int(self.unsettled_ttl), TRIM_LIMIT]
+        texts = encoded or {}
         for event, created in events:
+            text = texts.get(id(event)) or json.dumps(event, separators=(",", ":"),
+                                                      ensure_ascii=False)
             args += [str(event.get("id") or ""), _ms(created), str(event.get("subject") or ""),
-                     json.dumps(event, separators=(",", ":"), ensure_ascii=False)]
+                     text]
         try:
             result = _APPEND(self.redis, keys=self._keys(instance_uuid), args=args)
         except redis.exceptions.OutOfMemoryError:

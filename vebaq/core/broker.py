@@ -15,7 +15,7 @@ from celery import Celery
 
 from vebaq.core.config import Settings
 
-#: Seconds between two sweeps for unacked tasks of dead workers (kombu ≥ 5.7).
+#: Longest time between two sweeps for unacked tasks of dead workers, in seconds (kombu ≥ 5.7).
 RESTORE_INTERVAL = 10
 
 
@@ -30,8 +30,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_transport_options": {
             # A killed worker's unacked tasks go back to their queue this long after delivery.
             "visibility_timeout": settings.visibility_timeout,
-            # Every live worker sweeps for such tasks this often.
-            "unacked_restore_interval": RESTORE_INTERVAL,
+            # Every live worker sweeps for such tasks this often (at least twice per visibility
+            # timeout, so that a short one is honoured).
+            "unacked_restore_interval": max(1, min(RESTORE_INTERVAL,
+                                                   int(settings.visibility_timeout / 2))),
             "unacked_restore_throttle": 1,
         },
         "broker_connection_retry_on_startup": True,

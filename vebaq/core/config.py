@@ -17,6 +17,7 @@ The file is modelled on the VEBA router config; every key is optional::
       pageSize: 1000
       requestTimeout: 20s           # one SOAP call; a hung vCenter counts as down after this
       notifications: true           # wake on vCenter's change notifications between polls
+      pushdown: true                # vCenter sends only events some trigger may match
       checkpoint: {maxAge: 1h}
     vcenters:                       # several vCenters instead of the one above (see below)
       - url: https://vc01.example.com/sdk
@@ -32,7 +33,8 @@ The file is modelled on the VEBA router config; every key is optional::
     functions: [mycompany.vebaq_functions]
     triggers: [...]                 # see vebaq.core.routing
     pools:
-      vrops: {retry: 8, backoffPolicy: exponential, backoffDelay: PT2S, maxDelay: 10m}
+      vrops: {retry: 8, backoffPolicy: exponential, backoffDelay: PT2S, maxDelay: 10m,
+              maxDeliveries: 3, maxEventBytes: 1MiB, softTimeLimit: 4m, timeLimit: 4m30s}
       tickets:                      # an HTTP pool: POSTs each event to a CloudEvents sink
         sink: {url: https://fn.example/, mode: binary, timeout: 10s, token: {env: FN_TOKEN}}
     ingress:                        # vebaq ingress: CloudEvents in over HTTP
@@ -58,6 +60,7 @@ key, e.g. ``vebaq.yaml: vcenter.pollIntervall: unknown key``.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -70,7 +73,7 @@ import yaml
 
 from vebaq.core.done import DONE_TTL
 from vebaq.core.errors import ConfigError, one_line
-from vebaq.core.routing import DEFAULT_TRIGGERS, Trigger, parse_filter
+from vebaq.core.routing import DEFAULT_TRIGGERS, Trigger, parse_filter, parse_throttle
 from vebaq.core.secrets import Secret, redact_url
 
 #: Where the broker is when nothing says otherwise (the Redis a developer runs locally).
@@ -78,6 +81,19 @@ DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
 
 #: Seconds before a dead worker's unacked tasks are redelivered (``broker.visibilityTimeout``).
 DEFAULT_VISIBILITY_TIMEOUT = 300.0
+
+#: Seconds a task may run before Celery kills its prefork child (``pools.<pool>.timeLimit``),
+#: unless 90 % of the visibility timeout is less: a task still running when the visibility
+#: timeout passes is delivered a second time.
+DEFAULT_TIME_LIMIT = 270.0
+#: The soft limit (``SoftTimeLimitExceeded`` raised in the function) is this share of the hard
+#: one unless ``softTimeLimit`` says otherwise.
+SOFT_TIME_LIMIT_SHARE = 0.9
+#: Bytes of a task's CloudEvent (structured JSON) above which it is dead-lettered unrun.
+DEFAULT_MAX_EVENT_BYTES = 1024 * 1024
+#: Deliveries of one task that may end with the worker lost while a function runs; the next
+#: one dead-letters that function (the poison breaker, :mod:`workers.breaker`).
+DEFAULT_MAX_DELIVERIES = 3
 
 
 @dataclass(frozen=True)
@@ -109,6 +125,57 @@ class RetryPolicy:
 
 
 @dataclass(frozen=True)
+class PoolLimits:
+    """Bounds on the work one event may cost a pool (``pools.<pool>`` keys in brackets).
+
+    :param max_deliveries: how often a function may be interrupted by the loss of its worker
+        (``kill -9``, ``os._exit``, the OOM killer, a threads worker restarted) for one task;
+        the next delivery dead-letters it (``maxDeliveries``).
+    :param max_event_bytes: a larger CloudEvent is dead-lettered without running a function
+        (``maxEventBytes``).
+    :param soft_time_limit: seconds before ``SoftTimeLimitExceeded`` is raised inside the
+        function: an ordinary failure, retried (``softTimeLimit``).
+    :param time_limit: seconds before Celery kills the prefork child running the task; the
+        task is dead-lettered (``timeLimit``). Must stay below the visibility timeout.
+    """
+
+    max_deliveries: int = DEFAULT_MAX_DELIVERIES
+    max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
+    soft_time_limit: float | None = None
+    time_limit: float | None = None
+
+    def resolved(self, visibility_timeout: float, path: str = "pools") -> PoolLimits:
+        """The limits with the time limits filled in and checked against the visibility
+        timeout; raises :class:`ConfigError` naming the key (under ``path``)."""
+        hard = self.time_limit
+        if hard is None:
+            hard = min(DEFAULT_TIME_LIMIT, 0.9 * visibility_timeout)
+            if self.soft_time_limit is not None and self.soft_time_limit >= hard:
+                raise ConfigError(f"{path}.softTimeLimit: {self.soft_time_limit:g}s is not below "
+                                  f"the default timeLimit ({hard:g}s); set timeLimit too")
+        elif not 0 < hard < visibility_timeout:
+            raise ConfigError(f"{path}.timeLimit: must be > 0 and below broker.visibilityTimeout "
+                              f"({visibility_timeout:g}s), got {hard:g}s: a task still running "
+                              f"after the visibility timeout is delivered a second time")
+        soft = self.soft_time_limit
+        if soft is None:
+            soft = SOFT_TIME_LIMIT_SHARE * hard
+        elif not 0 < soft < hard:
+            raise ConfigError(f"{path}.softTimeLimit: must be > 0 and below timeLimit "
+                              f"({hard:g}s), got {soft:g}s")
+        if self.max_deliveries < 1:
+            raise ConfigError(f"{path}.maxDeliveries: must be ≥ 1")
+        if self.max_event_bytes < 1:
+            raise ConfigError(f"{path}.maxEventBytes: must be ≥ 1")
+        return replace(self, soft_time_limit=soft, time_limit=hard)
+
+
+@functools.lru_cache(maxsize=8)
+def _default_limits(visibility_timeout: float) -> PoolLimits:
+    return PoolLimits().resolved(visibility_timeout)
+
+
+@dataclass(frozen=True)
 class VCenterSettings:
     url: str | None = None
     username: str | None = None
@@ -128,6 +195,9 @@ class VCenterSettings:
     #: (``WaitForUpdatesEx``) and read at once when it fires; the poll interval stays the
     #: upper bound. False: poll only.
     notifications: bool = True
+    #: Ask vCenter for only the events some trigger could match (an ``EventFilterSpec`` derived
+    #: from the triggers, :mod:`producer.pushdown`); False: read every event, route locally.
+    pushdown: bool = True
     #: On restart, never replay events older than this many seconds.
     checkpoint_max_age: float = 3600.0
     #: Where it was configured (``vcenter`` or ``vcenters[2]``), for error messages.
@@ -248,6 +318,8 @@ class Settings:
     #: The HTTP pools: pool name → its sink (``pools.<pool>.sink``).
     sinks: Mapping[str, SinkSettings] = field(default_factory=dict)
     ingress: IngressSettings = field(default_factory=IngressSettings)
+    #: Per pool, as configured and resolved (:meth:`pool_limits` gives every pool's).
+    limits: Mapping[str, PoolLimits] = field(default_factory=dict)
     #: Extra modules that register functions (imported by producer and workers alike).
     functions: tuple[str, ...] = ()
     #: Where the settings came from (the file's path, or ``config``), for error messages.
@@ -262,6 +334,11 @@ class Settings:
 
     def retry_policy(self, pool: str) -> RetryPolicy:
         return self.retry.get(pool, RetryPolicy())
+
+    def pool_limits(self, pool: str) -> PoolLimits:
+        """The pool's :class:`PoolLimits`, time limits resolved (read for every task)."""
+        limits = self.limits.get(pool)
+        return limits if limits is not None else _default_limits(self.visibility_timeout)
 
     def secrets(self) -> tuple[str, ...]:
         """Every secret value, for scrubbing free text."""
@@ -329,6 +406,22 @@ def _boolean(raw: Any, path: str) -> bool:
     raise ConfigError(f"{path}: expected true or false, got {raw!r}")
 
 
+_BYTE_UNITS = {"": 1, "b": 1, "kb": 1000, "kib": 1024, "mb": 1000 ** 2, "mib": 1024 ** 2,
+               "gb": 1000 ** 3, "gib": 1024 ** 3}
+
+
+def parse_bytes(raw: Any, path: str) -> int:
+    """Bytes from ``1048576``, ``"512KiB"``, ``"1MiB"``, ``"2MB"`` (KB/MB/GB are powers of
+    1000, KiB/MiB/GiB of 1024)."""
+    if isinstance(raw, int) and not isinstance(raw, bool) and raw >= 0:
+        return raw
+    if isinstance(raw, str):
+        match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([a-zA-Z]*)", raw.strip())
+        if match and match.group(2).lower() in _BYTE_UNITS:
+            return int(float(match.group(1)) * _BYTE_UNITS[match.group(2).lower()])
+    raise ConfigError(f"{path}: expected a size such as 1048576, 512KiB or 1MiB, got {raw!r}")
+
+
 def _positive_int(raw: Any, path: str) -> int:
     try:
         value = int(raw)
@@ -337,22 +430,6 @@ def _positive_int(raw: Any, path: str) -> int:
     if isinstance(raw, bool) or value < 0 or (isinstance(raw, float) and raw != value):
         raise ConfigError(f"{path}: expected a whole number ≥ 0, got {raw!r}")
     return value
-
-
-_BYTE_UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3,
-               "kib": 1024, "mib": 1024**2, "gib": 1024**3}
-
-
-def parse_bytes(raw: Any, path: str) -> int:
-    """Bytes from ``1048576``, ``"512KiB"``, ``"256MiB"``, ``"1GB"`` (KB/MB/GB are powers of
-    1000, KiB/MiB/GiB of 1024)."""
-    if isinstance(raw, int) and not isinstance(raw, bool) and raw >= 0:
-        return raw
-    if isinstance(raw, str):
-        match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([a-zA-Z]*)", raw.strip())
-        if match and match.group(2).lower() in _BYTE_UNITS:
-            return int(float(match.group(1)) * _BYTE_UNITS[match.group(2).lower()])
-    raise ConfigError(f"{path}: expected a size such as 1048576, 512KiB or 256MiB, got {raw!r}")
 
 
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -459,6 +536,7 @@ _VCENTER = {
     "pageSize": ("page_size", _positive_int),
     "requestTimeout": ("request_timeout", parse_duration),
     "notifications": ("notifications", _boolean),
+    "pushdown": ("pushdown", _boolean),
 }
 _VROPS = {
     "url": ("url", _string),
@@ -573,6 +651,12 @@ def _parse_ingress(raw: Mapping[str, Any], environ: Mapping[str, str]) -> Ingres
     return ingress
 
 
+_LIMITS = {
+    "maxDeliveries": ("max_deliveries", _positive_int),
+    "maxEventBytes": ("max_event_bytes", parse_bytes),
+    "softTimeLimit": ("soft_time_limit", parse_duration),
+    "timeLimit": ("time_limit", parse_duration),
+}
 #: Keys of the ``broker`` section (parsed in :func:`_build`).
 _BROKER = ("url", "visibilityTimeout", "taskSentEvents")
 _TOP_LEVEL = ("broker", "vcenter", "vcenters", "archive", "cloudevents", "functions", "triggers",
@@ -590,6 +674,7 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "VCENTER_POLL_INTERVAL": ("vcenter", "pollInterval"),
     "VCENTER_REQUEST_TIMEOUT": ("vcenter", "requestTimeout"),
     "VCENTER_NOTIFICATIONS": ("vcenter", "notifications"),
+    "VCENTER_PUSHDOWN": ("vcenter", "pushdown"),
     "VEBAQ_ARCHIVE": ("archive", "enabled"),
     "VEBAQ_ARCHIVE_MAX_AGE": ("archive", "maxAge"),
     "VEBAQ_ARCHIVE_MAX_ENTRIES": ("archive", "maxEntries"),
@@ -695,10 +780,10 @@ def _parse_triggers(raw: Any) -> tuple[Trigger, ...]:
         path = f"triggers[{i}]"
         if not isinstance(item, Mapping):
             raise ConfigError(f"{path}: expected a mapping with name, pool and filters")
-        unknown = set(item) - {"name", "pool", "filters"}
+        unknown = set(item) - {"name", "pool", "filters", "throttle"}
         if unknown:
             raise ConfigError(f"{path}.{sorted(unknown)[0]}: unknown key "
-                              f"(expected name, pool, filters)")
+                              f"(expected name, pool, filters, throttle)")
         if "pool" not in item:
             raise ConfigError(f"{path}.pool: missing (the worker pool that gets these events)")
         pool = _string(item["pool"], f"{path}.pool")
@@ -708,7 +793,15 @@ def _parse_triggers(raw: Any) -> tuple[Trigger, ...]:
         triggers.append(Trigger(
             name=_string(item.get("name", pool), f"{path}.name"), pool=pool,
             filters=tuple(parse_filter(f, f"{path}.filters[{j}]") for j, f in enumerate(filters)),
+            throttle=(parse_throttle(item["throttle"], f"{path}.throttle", parse_duration)
+                      if item.get("throttle") is not None else None),
         ))
+    names = [t.name for t in triggers]
+    for i, trigger in enumerate(triggers):
+        if trigger.throttle is not None and names.count(trigger.name) > 1:
+            # The throttle's state in Redis is kept under the trigger's name.
+            raise ConfigError(f"triggers[{i}].name: {trigger.name!r} is used by another "
+                              f"trigger; a throttled trigger needs a name of its own")
     return tuple(triggers)
 
 
@@ -760,7 +853,7 @@ def check_pools(settings: Settings, known_pools: set[str]) -> Settings:
             if trigger.pool not in known_pools:
                 raise ConfigError(one_line(f"{settings.source}: triggers[{i}].pool: unknown pool "
                                            f"{trigger.pool!r} (known pools: {known})"))
-    for pool in settings.retry:
+    for pool in {**settings.retry, **settings.limits}:
         if pool not in known_pools:
             raise ConfigError(one_line(f"{settings.source}: pools.{pool}: unknown pool "
                                        f"(known pools: {known})"))
@@ -829,20 +922,23 @@ def _build(raw: dict[str, Any], environ: Mapping[str, str]) -> Settings:
     functions = [_string(m, f"functions[{i}]") for i, m in enumerate(functions_raw)]
     functions += [m for m in environ.get("VEBAQ_FUNCTIONS", "").split(",") if m.strip()]
 
-    retry, sinks = {}, {}
+    retry, limits, sinks = {}, {}, {}
     for pool, pool_raw in sections["pools"].items():
         pool_raw = pool_raw or {}
-        allowed = {"sink", *_RETRY}
+        allowed = {"sink", *_RETRY, *_LIMITS}
         if not isinstance(pool_raw, Mapping) or set(pool_raw) - allowed:
-            # A pool section holds the retry keys directly (Knative style), and maybe a sink.
+            # A pool section holds the retry keys (Knative style), the limits, maybe a sink.
             extra = sorted(set(pool_raw) - allowed) if isinstance(
                 pool_raw, Mapping) else ["<not a mapping>"]
             raise ConfigError(f"pools.{pool}.{extra[0]}: unknown key "
                               f"(expected one of {', '.join(sorted(allowed))})")
-        pool_raw = dict(pool_raw)
+        path = f"pools.{pool}"
         if "sink" in pool_raw:
-            sinks[str(pool)] = _parse_sink(pool_raw.pop("sink"), f"pools.{pool}.sink", environ)
-        retry[pool] = _apply(RetryPolicy(), pool_raw, _RETRY, f"pools.{pool}")
+            sinks[str(pool)] = _parse_sink(pool_raw["sink"], f"{path}.sink", environ)
+        retry[pool] = _apply(RetryPolicy(), {k: v for k, v in pool_raw.items() if k in _RETRY},
+                             _RETRY, path)
+        limits[pool] = _apply(PoolLimits(), {k: v for k, v in pool_raw.items() if k in _LIMITS},
+                              _LIMITS, path).resolved(visibility_timeout, path)
     ingress = _parse_ingress(sections["ingress"], environ)
 
     triggers = DEFAULT_TRIGGERS
@@ -852,6 +948,6 @@ def _build(raw: dict[str, Any], environ: Mapping[str, str]) -> Settings:
     return Settings(broker_url=broker_url, visibility_timeout=visibility_timeout,
                     task_sent_events=task_sent_events, vcenters=vcenters, vrops=vrops,
                     archive=archive, cloudevent_type=cloudevent_type, triggers=triggers,
-                    retry=retry, sinks=sinks, ingress=ingress,
+                    retry=retry, limits=limits, sinks=sinks, ingress=ingress,
                     functions=tuple(m.strip() for m in functions),
                     default_triggers="triggers" not in raw)

@@ -3,11 +3,12 @@
 A function's event is dead-lettered after its last retry, at once for a
 :class:`~vebaq.core.errors.PermanentError`; a task message that is unusable (not a CloudEvent,
 no or unknown pool) is dead-lettered as it is, and so is a vCenter event the producer could not
-convert. A record holds everything needed to understand and replay the failure: the full
-CloudEvent, the task name (the event subject), pool, function, attempts, first and last failure
-time, the exception's type, message and (shortened) traceback, and the Knative error extensions
-(``knativeerrordest``, ``knativeerrorcode``, ``knativeerrordata``) when the exception offers them
-through ``knative_error_attributes()``.
+convert (replayed by converting it again: ``producer.unconverted``). A record holds everything
+needed to understand and replay the failure: the full CloudEvent, the task name (the event
+subject), pool, function, attempts, first and last failure time, the exception's type, message
+and (shortened) traceback, and the Knative error extensions (``knativeerrordest``,
+``knativeerrorcode``, ``knativeerrordata``) when the exception offers them through
+``knative_error_attributes()``.
 
 Records stay until :func:`replay` or :func:`purge` removes them: there is no expiry. They are
 only as durable as Redis is: run it with AOF persistence (``appendonly yes``, ``appendfsync
@@ -20,7 +21,7 @@ import json
 import time
 import traceback
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import redis
@@ -160,10 +161,15 @@ def remove(r: redis.Redis, record: dict[str, Any]) -> bool:
                         args=[record["id"], _count_field(record.get("task"), record.get("pool"))]))
 
 
-def replay(publisher: Publisher, r: redis.Redis, letter_id: str) -> str:
+def replay(publisher: Publisher, r: redis.Redis, letter_id: str,
+           messages_for: Callable[[dict[str, Any]], Sequence[TaskMessage]] | None = None
+           ) -> list[str]:
     """Send the dead letter's event to its pool again, as a first attempt of the function that
     failed (of every function, for a poison message), and delete the record once the broker
-    took the message. Returns the new task id.
+    took the message. Returns the new task ids.
+
+    :param messages_for: makes the messages from the record (default: :func:`replay_message`;
+        the producer's dead letters are converted again, :mod:`producer.unconverted`).
 
     Exclusive per id: a second replay of the same dead letter while one runs (two operators, two
     terminals) finds it taken and raises :class:`NoSuchDeadLetter`, so one task is sent. The
@@ -174,10 +180,10 @@ def replay(publisher: Publisher, r: redis.Redis, letter_id: str) -> str:
         raise NoSuchDeadLetter(f"dead letter {letter_id!r} is being replayed by another command")
     try:
         record = get(r, letter_id)
-        message = replay_message(record)
-        publisher.publish([message])
+        messages = (messages_for or (lambda rec: [replay_message(rec)]))(record)
+        publisher.publish(messages)
         remove(r, record)
-        return message.task_id
+        return [message.task_id for message in messages]
     finally:
         r.delete(lock)
 

@@ -31,8 +31,45 @@ def check_time(value: Any, name: str = "time") -> None:
         raise ValueError(f"{name} {value!r} is not an RFC 3339 time") from None
 
 
-def to_structured(event: CloudEvent) -> dict[str, Any]:
-    """The structured-mode JSON object as a dict."""
+#: Content types whose data the structured form holds as JSON (the SDK's rule).
+_JSON_TYPE = JSONFormat.JSON_CONTENT_TYPE_PATTERN
+
+#: Attribute values the structured form holds as they are.
+_PLAIN_ATTRIBUTES = (str, int, bool)
+
+
+def _sdk_time(value: datetime) -> str:
+    """A time attribute as the SDK's JSON format writes it (RFC 3339, ``Z`` for UTC)."""
+    text = value.isoformat()
+    return text.removesuffix("+00:00") + "Z" if text.endswith("+00:00") else text
+
+
+def to_structured(event: CloudEvent, *, json_data: bool = False) -> dict[str, Any]:
+    """The structured-mode JSON object as a dict.
+
+    :param json_data: the event's data is JSON-ready already (dicts with string keys, lists,
+        strings, numbers, booleans, ``None``: what the producer's conversion makes), so it is
+        kept as it is rather than written and parsed again (most of the cost: about 20 µs of
+        25 per vCenter event). The attributes are formatted as the SDK does; anything unusual
+        (binary data, a non-JSON content type, an attribute of another type) still takes the
+        SDK's way. Without it, always the SDK's JSON format and back.
+    """
+    if json_data:
+        structured: dict[str, Any] = {}
+        for name, value in event.get_attributes().items():
+            if isinstance(value, datetime):
+                value = _sdk_time(value)
+            elif not isinstance(value, _PLAIN_ATTRIBUTES):
+                break
+            structured[name] = value
+        else:
+            data = event.get_data()
+            if data is None:
+                return structured
+            kind = structured.get("datacontenttype", JSONFormat.DEFAULT_CONTENT_TYPE)
+            if not isinstance(data, bytes | bytearray) and _JSON_TYPE.match(kind):
+                structured["data"] = data
+                return structured
     return json.loads(_FORMAT.write(event))
 
 

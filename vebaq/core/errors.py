@@ -7,7 +7,9 @@ Two families, because they mean different things:
   traceback (see :func:`error_line`).
 * :class:`PermanentError` — a function's failure that retrying cannot fix; the event goes to the
   dead letters at once. :class:`PoisonMessage` is the special case of a task message that is
-  itself unusable. Any other exception from a function is retried.
+  itself unusable (:class:`EventTooLarge` one of its kinds), :class:`WorkerLost` the case of a
+  function that keeps killing the worker running it. Any other exception from a function is
+  retried.
 """
 
 from __future__ import annotations
@@ -84,3 +86,24 @@ class PermanentError(Exception):
 
 class PoisonMessage(PermanentError):
     """The task message itself is unusable: undecodable, not a CloudEvent, unknown pool."""
+
+
+class EventTooLarge(PoisonMessage):
+    """The task's CloudEvent is larger than its pool's ``maxEventBytes``: dead-lettered without
+    running a function (bounded work per event)."""
+
+
+class WorkerLost(PermanentError):
+    """The worker running a function died again and again for the same task (``kill -9``,
+    ``os._exit``, the OOM killer): the poison breaker dead-letters the function instead of
+    letting the task be redelivered for ever."""
+
+
+class SoftTimeLimit(Exception):
+    """A function ran past its pool's soft time limit (``softTimeLimit``) and was interrupted:
+    an ordinary failure, retried with back-off."""
+
+
+class HardTimeLimit(PermanentError):
+    """A task ran past its pool's hard time limit (``timeLimit``): Celery killed the pool child
+    running it, and the event is dead-lettered."""

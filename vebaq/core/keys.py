@@ -83,11 +83,42 @@ def ingress_event_source(event_id: str) -> str:
     return f"{PREFIX}:ingress:source:{event_id}"
 
 
+# --- throttled triggers (:mod:`vebaq.core.throttle`): shared by every producer on this Redis
+
+def throttle_state(trigger: str, mode: str, key: str) -> str:
+    """Time (ms) of the event that passed (``once_within``) or of the last one (``once_after``)
+    for one trigger and key."""
+    return f"{PREFIX}:throttle:{mode}:{trigger}:{key}"
+
+
+def throttle_batch(member: str) -> str:
+    """List of the events held for one batch; ``member`` is JSON ``[trigger, pool, key]``."""
+    return f"{PREFIX}:throttle:batch:{member}"
+
+
+#: Sorted set of batch members (JSON ``[trigger, pool, key]``) → when the batch falls due (ms).
+THROTTLE_DUE = f"{PREFIX}:throttle:due"
+#: Hash of ``<member>\n<first event id>`` → JSON list of a full or due batch's events, until the
+#: producer sent it.
+THROTTLE_FIRING = f"{PREFIX}:throttle:firing"
+
+
+def throttle_memo(instance_uuid: str) -> str:
+    """Hash of ``<trigger>\n<event id>`` → the decision for events not yet checkpointed."""
+    return f"{PREFIX}:throttle:memo:{instance_uuid}"
+
+
 # --- workers: what already ran, and the vrops pool's per-host state
 
 def done(pool: str, function: str, event_id: str) -> str:
     """Done marker of one function for one event (:mod:`vebaq.core.done`)."""
     return f"{PREFIX}:done:{pool}:{function}:{event_id}"
+
+
+def delivery(task_id: str) -> str:
+    """Hash: deliveries of one task message, the function running, interrupted runs per
+    function and the last exit status (the poison breaker, :mod:`workers.breaker`)."""
+    return f"{PREFIX}:delivery:{task_id}"
 
 
 def vrops_applied(vc_uuid: str, moref: str) -> str:

@@ -8,6 +8,7 @@ the fake vROps with the simulated hosts. Ctrl-C stops them all, workers warm (ta
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import signal
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
     from vebaq.devtools.embedded import EmbeddedRedis
 
 from producer.simulated import SIMULATED_UUID, simulated_hosts
-from vebaq.core.errors import VebaqError
+from vebaq.core.errors import ConfigError, VebaqError
 from vebaq.core.secrets import redact_url
 
 #: Seconds children get to stop after SIGTERM before they are killed.
@@ -94,9 +95,24 @@ def _free_port(host: str = "127.0.0.1") -> int:
         return probe.getsockname()[1]
 
 
+def check_port(option: str, port: int, host: str) -> None:
+    """Refuse, in one line, a port a child would fail to open (before any child starts)."""
+    if not port:
+        return
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            reason = "is in use" if exc.errno == errno.EADDRINUSE else \
+                f"cannot be opened ({exc.strerror or exc})"
+            raise ConfigError(f"{option} {port}: port {port} {reason}") from None
+
+
 def run(pools: Iterable[str], simulate: bool | None, rate: float, flower_port: int,
         metrics_port: int) -> int:
     """Start everything, wait for Ctrl-C (or a child dying), stop everything."""
+    check_port("--flower-port", flower_port, "127.0.0.1")
+    check_port("--metrics-port", metrics_port, "0.0.0.0")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     embedded = None
     if env.get("VEBAQ_BROKER_URL"):
