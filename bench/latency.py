@@ -103,8 +103,9 @@ def scrape_calls(port: int) -> dict[str, float]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
         text = answer.read().decode()
     calls = {}
-    for match in re.finditer(rf'^{CALLS_METRIC}{{method="([^"]+)"}} (\S+)$', text, re.M):
-        calls[match[1]] = float(match[2])
+    for match in re.finditer(rf'^{CALLS_METRIC}{{method="([^"]+)",vcenter="[^"]*"}} (\S+)$',
+                             text, re.M):
+        calls[match[1]] = calls.get(match[1], 0.0) + float(match[2])
     return calls
 
 

@@ -1,7 +1,11 @@
 """The producer loop: read new vCenter events, convert, route (throttled triggers decide in
 Redis), enqueue, archive, then advance the checkpoint (the archive's guarantee is in
 :mod:`vebaq.core.archive`, the throttles' in :mod:`vebaq.core.throttle`). The collector asks
-vCenter only for events some trigger may match (:mod:`producer.pushdown`)."""
+vCenter only for events some trigger may match (:mod:`producer.pushdown`).
+
+A :class:`ProducerService` reads one vCenter while its lease is held; the
+:mod:`producer.supervisor` takes the leases and runs one service per vCenter in a thread of its
+own, so that a vCenter that is down, slow or hung holds up only its own thread."""
 
 from __future__ import annotations
 
@@ -20,19 +24,19 @@ from pyVmomi import vim
 from producer import unconverted
 from producer.checkpoint import OVERLAP, CheckpointStore, LeaseLost
 from producer.cloudevent import MalformedEvent, subject_of, to_cloudevent
-from producer.lease import Lease
-from producer.metrics import ProducerMetrics
+from producer.lease import Lease, vcenter_scope
+from producer.metrics import ProducerMetrics, VCenterMetrics
 from producer.notifications import ChangeNotifier
 from producer.pushdown import pushdown_for
 from producer.reader import EventReader, SeenKeys
-from producer.simulated import SimulatedReader, SimulatedSession
+from producer.simulated import SIMULATED_URL, SimulatedReader, SimulatedSession
 from producer.vcenter import CONNECTION_LOST, SESSION_LOST, Session, connect
-from vebaq.core import deadletters, progress
+from vebaq.core import deadletters, keys, progress
 from vebaq.core.archive import HIGH_WATER, Archive
 from vebaq.core.broker import sender_app
-from vebaq.core.config import Settings
+from vebaq.core.config import Settings, VCenterSettings
 from vebaq.core.envelope import to_structured
-from vebaq.core.errors import BrokerError, VCenterError, one_line
+from vebaq.core.errors import BrokerError, LoginRefused, VCenterError, one_line
 from vebaq.core.messages import TaskMessage
 from vebaq.core.publish import Publisher
 from vebaq.core.redisdb import check as check_redis
@@ -45,6 +49,10 @@ logger = logging.getLogger("vebaq.producer")
 
 #: Longest wait between attempts to reach vCenter or Redis again.
 MAX_RECONNECT_DELAY = 30.0
+
+#: Shortest wait before logging in again after vCenter refused the user name or password: SSO's
+#: default lockout policy locks an account after 5 failed logins within 3 minutes.
+LOGIN_REFUSED_DELAY = 120.0
 
 
 @dataclass(frozen=True)
@@ -124,33 +132,42 @@ class CatchUp:
 
 
 class ProducerService:
-    """Runs until :attr:`stop` is set.
+    """Reads one vCenter while its lease is held, until :attr:`stop` is set.
 
     :param settings: the loaded configuration.
     :param app: the Celery app to publish with (a sender app for the settings by default).
+    :param metrics: this vCenter's metrics (of a process-wide
+        :class:`~producer.metrics.ProducerMetrics`; a registry of its own by default).
     :param simulate: read the built-in simulated source instead of vCenter, with these
         :class:`~producer.simulated.SimulatedReader` options (``rate``, ``backlog``, ``hosts``).
+    :param vcenter: which vCenter (the first configured by default).
+    :param lease: its lease, acquired by the caller (a new one, not acquired, by default).
+    :param retry_first_login: keep trying the first login, as every later one (a process reading
+        several vCenters); else a failed first login raises its one-line error.
     """
 
     def __init__(self, settings: Settings, app: Celery | None = None,
-                 metrics: ProducerMetrics | None = None,
-                 simulate: dict | None = None) -> None:
+                 metrics: VCenterMetrics | None = None,
+                 simulate: dict | None = None, *, vcenter: VCenterSettings | None = None,
+                 lease: Lease | None = None, publisher: Publisher | None = None,
+                 retry_first_login: bool = False) -> None:
         self.settings = settings
         self.simulate = simulate
+        self.vcenter = vc = vcenter or settings.vcenter
         self.app = app or sender_app(settings, "vebaq-producer")
-        self.metrics = metrics or ProducerMetrics()
-        vc = settings.vcenter
+        self.metrics = metrics or ProducerMetrics().vcenter(
+            SIMULATED_URL if simulate is not None else vc.url or "")
         # A few polls at the slowest interval, or one SOAP timeout, before /healthz complains.
         self.metrics.poll_stale_after = max(3 * vc.max_poll_interval, vc.request_timeout + 5)
         self.stop = threading.Event()
+        self.retry_first_login = retry_first_login
         self.redis = client(settings.broker_url)
-        self.publisher = Publisher(self.app)
+        self.publisher = publisher or Publisher(self.app)
         self.archive = Archive(self.redis, settings.archive) if settings.archive.enabled else None
         self._archive_warned = 0.0
-        self.metrics.watch_queues(self.redis, {t.pool for t in settings.triggers},
-                                  archive=self.archive)
-        self.lease = Lease(self.redis, settings.vcenter.url if simulate is None else "simulated")
-        self.session: Session | None = None
+        self.lease = lease or Lease(self.redis, vcenter_scope(None if simulate is not None
+                                                              else vc.url))
+        self.session: Session | SimulatedSession | None = None
         self.reader: EventReader | SimulatedReader | None = None
         self.notifier: ChangeNotifier | None = None
         self.store: CheckpointStore | None = None
@@ -164,34 +181,42 @@ class ProducerService:
         #: trigger → [events suppressed since the last log line, when that line was logged]
         self._throttle_log: dict[str, list[float]] = {}
 
-    # --- start-up: every failure here is one clear line and a non-zero exit
-
     def check_broker(self) -> None:
+        """Redis answers and takes our password, else one line (:class:`BrokerError`)."""
         check_redis(self.settings.broker_url, self.settings.secrets())
 
-    def wait_for_lease(self) -> bool:
-        """Stand by until this producer holds the lease for its vCenter; False if stopped."""
-        if self.lease.try_acquire():
-            return True
-        logger.info("standing by: producer %s is reading this vCenter", self.lease.current_holder())
-        self.metrics.standing_by = True
+    def read(self) -> None:
+        """Log in and read until stopped or the lease is lost (the caller took the lease, and
+        releases it afterwards). Redis failing while it starts is one line
+        (:class:`~vebaq.core.errors.BrokerError`): there is nothing to keep yet."""
+        polling = False
         try:
-            while not self.stop.wait(self.lease.ttl / 4):
-                self.metrics.heartbeat = time.time()
-                if self.lease.try_acquire():
-                    logger.info("took over reading this vCenter")
-                    return True
-            return False
+            self.start()
+            if self.session is not None:
+                polling = True
+                self._poll_until_stopped_or_lease_lost()
+        except REDIS_ERRORS as exc:
+            if polling:
+                raise
+            detail = self._explain(exc)
+            raise BrokerError(detail if out_of_memory(exc) else
+                              f"Redis at {redact_url(self.settings.broker_url)}: "
+                              f"{detail}") from None
         finally:
-            self.metrics.standing_by = False
+            self.shutdown(quiet=not polling)
 
     def start(self) -> None:
-        vc = self.settings.vcenter
+        vc = self.vcenter
         if self.simulate is not None:
             self.session = SimulatedSession()
+        elif self.retry_first_login:
+            self.session = self._login()
+            if self.session is None:
+                return  # stopped, or the lease lost, before vCenter let us in
         else:
             self.session = connect(vc)
         self.metrics.connected = True
+        self._note_instance()
         self.store = CheckpointStore(self.redis, self.session.instance_uuid, vc.checkpoint_max_age)
         begin, floor, checkpoint = self.store.resume_from(self.session.now())
         seen = SeenKeys(self.store.published_since(begin))
@@ -213,6 +238,7 @@ class ProducerService:
         self._start_notifier()
         self.key_epoch = self.store.key_epoch()
         self._check_key_regression(checkpoint.key if checkpoint else None)
+        self.metrics.checkpoint_key = checkpoint.key if checkpoint else None
         self.publisher.declare({t.pool for t in self.settings.triggers})
         where = (f"checkpoint: event {checkpoint.key} of {checkpoint.created.isoformat()}"
                  if checkpoint else "no checkpoint: new events only")
@@ -236,34 +262,20 @@ class ProducerService:
 
     # --- the loop
 
-    def run(self) -> None:
-        """Take the lease, start, poll; stand by again if the lease is lost; until stopped."""
-        self.check_broker()
+    def _note_instance(self) -> None:
+        """Which instance UUID (whose checkpoint) this URL is, for ``vebaq status``."""
+        self.metrics.instance_uuid = self.session.instance_uuid
         try:
-            while not self.stop.is_set():
-                try:
-                    if not self.wait_for_lease():
-                        break
-                    polling = False
-                    try:
-                        self.start()
-                        polling = True
-                        self._poll_until_stopped_or_lease_lost()
-                    finally:
-                        self.shutdown(quiet=not polling)
-                except REDIS_ERRORS as exc:  # taking the lease or starting: nothing to keep
-                    detail = self._explain(exc)
-                    raise BrokerError(detail if out_of_memory(exc) else
-                                      f"Redis at {redact_url(self.settings.broker_url)}: "
-                                      f"{detail}") from None
-        finally:
-            self.lease.release()
+            self.redis.hset(keys.VCENTER_INSTANCES, self.lease.scope, self.session.instance_uuid)
+        except redis.RedisError as exc:
+            logger.warning("cannot note the vCenter's instance UUID in Redis (%s)",
+                           type(exc).__name__)
 
     def _explain(self, error: BaseException) -> str:
         return scrub(explain_redis_error(error, self.redis), self.settings.secrets())
 
     def _poll_until_stopped_or_lease_lost(self) -> None:
-        vc = self.settings.vcenter
+        vc = self.vcenter
         interval = vc.poll_interval
         last_event = time.monotonic()
         pending: list[ReadEvent] = []
@@ -275,6 +287,7 @@ class ProducerService:
                 return
             self._send_due_batches()
             if not pending:
+                polled_at = time.time()
                 try:
                     events = self.reader.poll()
                 except SESSION_LOST + CONNECTION_LOST as exc:
@@ -287,11 +300,14 @@ class ProducerService:
                 pending = self._convert(events)
                 if events:
                     last_event = time.monotonic()
+                elif not self.reader.more_waiting:
+                    self.metrics.caught_up(polled_at)
             if pending:
                 if self._publish(pending):
                     pending = []
                     if self.reader.more_waiting:
                         continue  # a backlog drains without waiting
+                    self.metrics.caught_up(polled_at)
                     interval = vc.poll_interval
                 else:
                     interval = min(max(interval * 2, 1.0), MAX_RECONNECT_DELAY)
@@ -451,6 +467,7 @@ class ProducerService:
         self._settle(pending, batches)
         self.reader.confirmed([item.key for item in pending], checkpoint.created - OVERLAP)
         self.metrics.checkpoint_time.set(checkpoint.updated)
+        self.metrics.checkpoint_key = checkpoint.key
         self.metrics.read_lag.set(max(0.0, time.time() - checkpoint.created.timestamp()))
         self.catch_up.update(checkpoint.created, len(pending))
         logger.info("enqueued %d event(s) (keys %d–%d) → %d task(s); checkpoint at event %d",
@@ -524,21 +541,10 @@ class ProducerService:
             if self.notifier is not None:
                 self.notifier.close()
             self.session.close()
-        delay = 1.0
-        attempt = 0
-        while not self.stop.is_set():
-            attempt += 1
-            try:
-                self.session = connect(self.settings.vcenter)
-                break
-            except VCenterError as exc:
-                self.metrics.poll_failed(exc)
-                logger.error("login attempt %d failed: %s; retrying in %.0fs", attempt, exc,
-                             delay)
-                self.stop.wait(delay)
-                delay = min(delay * 2, MAX_RECONNECT_DELAY)
-        else:
+        session = self._login()
+        if session is None:
             return
+        self.session = session
         self.metrics.reconnects.inc()
         self.metrics.connected = True
         self.reader.reattach(self.session.content)
@@ -547,17 +553,44 @@ class ProducerService:
         self._check_key_regression(checkpoint.key if checkpoint else None)
         logger.info("vCenter session restored; reading on from %s", self.reader.begin.isoformat())
 
+    def _login(self) -> Session | None:
+        """Log in, retrying with back-off (refused passwords no sooner than
+        :data:`LOGIN_REFUSED_DELAY`) until vCenter lets us in; ``None`` if stopped or the lease
+        was lost meanwhile."""
+        delay = 1.0
+        attempt = 0
+        while not self.stop.is_set() and self.lease.held.is_set():
+            attempt += 1
+            try:
+                return connect(self.vcenter)
+            except VCenterError as exc:
+                self.metrics.poll_failed(exc)
+                wait = max(delay, LOGIN_REFUSED_DELAY) if isinstance(exc, LoginRefused) else delay
+                logger.error("login attempt %d failed: %s; retrying in %.0fs", attempt, exc,
+                             wait)
+                self._idle(wait)
+                delay = min(delay * 2, MAX_RECONNECT_DELAY)
+        return None
+
+    def _idle(self, seconds: float) -> None:
+        """Wait ``seconds`` (or until stopped), showing the loop alive meanwhile."""
+        deadline = time.monotonic() + seconds
+        while not self.stop.is_set() and (left := deadline - time.monotonic()) > 0:
+            self.metrics.heartbeat = time.time()
+            self.stop.wait(min(left, 5.0))
+        self.metrics.heartbeat = time.time()
+
     def _start_notifier(self) -> None:
         """Wait on vCenter's change notifications between polls (``vcenter.notifications``),
         unless an earlier session found that this vCenter sends none."""
         gave_up = self.notifier is not None and not self.notifier.working
         self.notifier = None
-        if self.simulate is None and self.settings.vcenter.notifications and not gave_up:
+        if self.simulate is None and self.vcenter.notifications and not gave_up:
             self.notifier = ChangeNotifier(self.session.content)
 
     def shutdown(self, quiet: bool = False) -> None:
-        """Close the notifier, the reader and the session; ``quiet``: a start that failed,
-        which its error line says alone."""
+        """Close the notifier, the reader and the session; ``quiet``: a start that failed (or
+        never logged in), which its error line says alone."""
         if self.notifier is not None:
             self.notifier.close()
             self.notifier = None
@@ -567,5 +600,6 @@ class ProducerService:
         if self.session is not None:
             self.session.close()
             self.session = None
+        self.metrics.connected = False
         if not quiet:
-            logger.info("producer stopped")
+            logger.info("stopped reading vCenter %s", self.vcenter.url)

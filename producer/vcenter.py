@@ -1,6 +1,10 @@
 """Connecting to vCenter with pyvmomi, with every failure turned into one clear line; every SOAP
-call of a session is counted per method (:data:`CALLS`, exported as
-``vebaq_producer_vcenter_calls_total{method}``: what the producer costs vCenter)."""
+call of a session is counted per vCenter and method (:data:`CALLS`, exported as
+``vebaq_producer_vcenter_calls_total{method,vcenter}``: what the producer costs vCenter).
+
+Sessions of several vCenters are opened from their own threads (:mod:`producer.supervisor`):
+each thread has its own session, and only the login touches process-wide state (the default
+socket timeout, see :func:`_bound_sockets`)."""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import contextlib
 import http.client
 import socket
 import ssl
+import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from urllib.parse import urlsplit
@@ -17,7 +22,7 @@ from pyVim.connect import Disconnect, SmartConnect
 from pyVmomi import vim, vmodl
 
 from vebaq.core.config import VCenterSettings
-from vebaq.core.errors import ConfigError, VCenterError
+from vebaq.core.errors import ConfigError, LoginRefused, VCenterError
 
 #: Faults that mean "the session is gone, log in again".
 SESSION_LOST = (vim.fault.NotAuthenticated, vim.fault.InvalidState,
@@ -26,19 +31,26 @@ SESSION_LOST = (vim.fault.NotAuthenticated, vim.fault.InvalidState,
 #: Transport failures: vCenter restarting, network blips.
 CONNECTION_LOST = (OSError, http.client.HTTPException, ssl.SSLError)
 
-#: SOAP calls this process made to vCenter after each login, by WSDL method name (property reads
-#: through pyvmomi's accessors are ``Fetch``); the login's own few calls are not counted.
-CALLS: collections.Counter[str] = collections.Counter()
+#: SOAP calls this process made to vCenter after each login, by vCenter (its configured URL) and
+#: WSDL method name (property reads through pyvmomi's accessors are ``Fetch``); the login's own
+#: few calls are not counted. Each vCenter's session counts from its own thread only.
+CALLS: collections.Counter[tuple[str, str]] = collections.Counter()
 
 
-def count_calls(si: vim.ServiceInstance) -> None:
-    """Count every later call of ``si``'s session in :data:`CALLS`: pyvmomi sends each method
-    call and property read through its stub's ``InvokeMethod``."""
+def calls(method: str, vcenter: str | None = None) -> int:
+    """How many calls of ``method`` were made so far, to one vCenter or to all."""
+    return sum(n for (url, name), n in CALLS.items() if name == method and vcenter in (None, url))
+
+
+def count_calls(si: vim.ServiceInstance, url: str) -> None:
+    """Count every later call of ``si``'s session (with the vCenter at ``url``) in
+    :data:`CALLS`: pyvmomi sends each method call and property read through its stub's
+    ``InvokeMethod``."""
     stub = si._stub
     invoke = stub.InvokeMethod
 
     def counted(mo: object, info: object, args: object, *rest: object, **options: object) -> object:
-        CALLS[getattr(info, "wsdlName", None) or "?"] += 1
+        CALLS[url, getattr(info, "wsdlName", None) or "?"] += 1
         return invoke(mo, info, args, *rest, **options)
 
     stub.InvokeMethod = counted
@@ -74,23 +86,56 @@ def ssl_context(settings: VCenterSettings) -> ssl.SSLContext:
     try:
         return ssl.create_default_context(cafile=settings.ca_bundle)
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"vcenter.caBundle: cannot load {settings.ca_bundle!r}: "
+        raise ConfigError(f"{settings.where}.caBundle: cannot load {settings.ca_bundle!r}: "
                           f"{exc.strerror or exc}") from None
 
 
-def connect(settings: VCenterSettings) -> Session:
-    """Log in; raises :class:`VCenterError` (or :class:`ConfigError`) with a one-line reason."""
+_timeouts_lock = threading.Lock()
+_login_timeouts: list[float] = []
+_timeout_before: list[float | None] = [None]
+
+
+def _bound_sockets(seconds: float) -> None:
+    """Bound every socket opened from now on by ``seconds``, until :func:`_unbound_sockets`.
+
+    The default timeout is process-wide: while several logins run at once (one per vCenter
+    thread) it is the longest of theirs, and the previous default returns after the last."""
+    with _timeouts_lock:
+        if not _login_timeouts:
+            _timeout_before[0] = socket.getdefaulttimeout()
+        _login_timeouts.append(seconds)
+        socket.setdefaulttimeout(max(_login_timeouts))
+
+
+def _unbound_sockets(seconds: float) -> None:
+    with _timeouts_lock:
+        _login_timeouts.remove(seconds)
+        socket.setdefaulttimeout(max(_login_timeouts) if _login_timeouts else _timeout_before[0])
+
+
+def check(settings: VCenterSettings) -> None:
+    """Raise :class:`ConfigError` naming the key if ``settings`` cannot be used to log in."""
     if not settings.url:
-        raise ConfigError("vcenter.url: not set (set VCENTER_URL=https://<vcenter>/sdk)")
+        raise ConfigError(f"{settings.where}.url: not set (set VCENTER_URL=https://<vcenter>/sdk)")
     if not settings.username or not settings.password:
-        raise ConfigError("vcenter: set VCENTER_USER and VCENTER_PASSWORD")
+        if settings.where == "vcenter":
+            raise ConfigError("vcenter: set VCENTER_USER and VCENTER_PASSWORD")
+        missing = "username" if not settings.username else "password"
+        raise ConfigError(f"{settings.where}.{missing}: not set (for {settings.url})")
+    if urlsplit(settings.url).scheme == "https":
+        ssl_context(settings)
+
+
+def connect(settings: VCenterSettings) -> Session:
+    """Log in; raises :class:`VCenterError` (:class:`LoginRefused` for a wrong user name or
+    password) or :class:`ConfigError` with a one-line reason."""
+    check(settings)
     parts = urlsplit(settings.url)
     secure = parts.scheme == "https"
     where = f"vCenter {settings.url}"
     # SmartConnect's API version discovery opens a connection of its own without a timeout: a
     # hung vCenter would hang the login forever. The default timeout bounds that one too.
-    previous_timeout = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(settings.request_timeout)
+    _bound_sockets(settings.request_timeout)
     try:
         si = SmartConnect(
             protocol=parts.scheme, host=parts.hostname, port=parts.port or (443 if secure else 80),
@@ -100,7 +145,7 @@ def connect(settings: VCenterSettings) -> Session:
             httpConnectionTimeout=settings.request_timeout,
         )
     except vim.fault.InvalidLogin:
-        raise VCenterError(f"{where} refused the login of {settings.username!r}: "
+        raise LoginRefused(f"{where} refused the login of {settings.username!r}: "
                            f"wrong user name or password") from None
     except ssl.SSLCertVerificationError as exc:
         raise VCenterError(f"{where}: certificate not trusted ({exc.verify_message}); set "
@@ -121,8 +166,8 @@ def connect(settings: VCenterSettings) -> Session:
         raise VCenterError(f"{where}: not a vSphere API endpoint? ({type(exc).__name__}: "
                            f"{str(exc)[:200]})") from None
     finally:
-        socket.setdefaulttimeout(previous_timeout)
-    count_calls(si)
+        _unbound_sockets(settings.request_timeout)
+    count_calls(si, settings.url)
     content = si.RetrieveContent()
     return Session(si, content, settings.url, content.about.instanceUuid,
                    content.about.apiVersion)

@@ -125,6 +125,19 @@ def test_workers_scale() -> None:
         assert "-c" in cmd, "set the concurrency: the default counts the host's CPUs"
 
 
+def test_producers_scale_and_share_the_vcenters() -> None:
+    """``--scale producer=N``: nothing that must be unique per container, and a file listing
+    several vCenters can take over from VCENTER_URL (set empty in .env)."""
+    producer = services()["producer"]
+    for key in ("container_name", "hostname", "ports"):
+        assert key not in producer, f"producer: {key} blocks --scale"
+    assert command(producer) == ["vebaq", "producer"]
+    assert "${VCENTER_URL-" in COMPOSE_FILE.read_text(), \
+        "VCENTER_URL= (empty) in .env must reach the producer empty, not as the demo default"
+    readme = (ROOT / "README.md").read_text()
+    assert "--scale producer=" in readme and "vcenters:" in readme
+
+
 def test_healthchecks_really_check() -> None:
     defined = services()
     redis_check = " ".join(defined["redis"]["healthcheck"]["test"])

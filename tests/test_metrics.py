@@ -40,11 +40,17 @@ def test_metrics_stats_and_health(stack_env: dict[str, str], log_dir: Path, vcen
     assert (status, text) == (200, "ok")
     status, text = fetch(f"{base}/metrics")
     assert status == 200
-    for needle in ('vebaq_producer_tasks_published_total{pool="echo"}',
-                   "vebaq_producer_events_read_total", "vebaq_producer_read_lag_seconds",
+    vc = f'vcenter="{vcenter_source(stack_env)}"'
+    for needle in (f'vebaq_producer_tasks_published_total{{pool="echo",{vc}}}',
+                   f"vebaq_producer_events_read_total{{{vc}}}",
+                   f"vebaq_producer_read_lag_seconds{{{vc}}}",
+                   f"vebaq_producer_vcenter_held{{{vc}}} 1.0",
+                   f"vebaq_producer_vcenter_healthy{{{vc}}} 1.0",
+                   f"vebaq_producer_lag_seconds{{{vc}}}",
+                   "vebaq_producer_live_producers 1.0", "vebaq_producer_lease_share 1.0",
                    'vebaq_dead_letters{pool="echo",subject="VmPoweredOnEvent"} 1.0',
                    'vebaq_queue_depth{pool="echo"}', "vebaq_retries_pending 0.0",
-                   "vebaq_producer_archived_events_total 1.0",
+                   f"vebaq_producer_archived_events_total{{{vc}}} 1.0",
                    f'vebaq_archive_events{{source="{vcenter_source(stack_env)}",'
                    f'vcenter_uuid="{vcenter.instance_uuid}"}} 1.0',
                    "vebaq_archive_bytes{", "vebaq_archive_oldest_age_seconds{"):
@@ -52,6 +58,11 @@ def test_metrics_stats_and_health(stack_env: dict[str, str], log_dir: Path, vcen
     stats = json.loads(fetch(f"{base}/stats")[1])
     assert stats["celery"]["published_per_pool"]["echo"] >= 1
     assert stats["vcenter"]["events_read"] >= 1
+    mine = stats["vcenters"][vcenter_source(stack_env)]
+    assert mine["held"] and mine["state"] == "ok" and mine["events_read"] >= 1
+    assert mine["instance_uuid"] == vcenter.instance_uuid
+    assert stats["producer"]["reading"] == [vcenter_source(stack_env)]
+    assert fetch(f"{base}/healthz/strict") == (200, "ok")
     assert fetch(f"{base}/nope")[0] == 404
     wait_until(lambda: producer.stop() == 0, 30, "a clean stop")
 

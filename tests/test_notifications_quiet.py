@@ -32,7 +32,7 @@ def post(vc: VCenter, message: str) -> int:
 
 
 def waits() -> int:
-    return vc_api.CALLS["WaitForUpdatesEx"]
+    return vc_api.calls("WaitForUpdatesEx")
 
 
 def test_a_quiet_vcenter_is_asked_once_per_wait_until_the_quiet_limit(

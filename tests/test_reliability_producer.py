@@ -103,7 +103,7 @@ def test_two_producers_one_active_standby_takes_over(stack_env: dict[str, str], 
 
     active.signal(signal.SIGKILL)
     killed_at = time.monotonic()
-    standby.wait_for(r"took over reading this vCenter", timeout=30)
+    standby.wait_for(r"took over reading vCenter", timeout=30)
     takeover = time.monotonic() - killed_at
     more = [event_id(vcenter.instance_uuid, k) for k in post(vcenter, 20, "after takeover")]
     wait_until(lambda: set(more) <= set(queued_event_ids(redis_client)), 30, "events after it")

@@ -78,11 +78,13 @@ def task_events(r: redis.Redis, pool: str) -> dict[str, dict]:
 
 
 def metric(port: int, name: str) -> float:
+    """The metric's value, summed over its labels (every producer metric has a vcenter)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
-        for line in answer.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-    raise AssertionError(f"no metric {name}")
+        values = [float(line.rsplit(" ", 1)[1]) for line in answer.read().decode().splitlines()
+                  if line.startswith((name + " ", name + "{"))]
+    if not values:
+        raise AssertionError(f"no metric {name}")
+    return sum(values)
 
 
 def stats(port: int) -> dict:

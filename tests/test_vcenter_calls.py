@@ -1,5 +1,5 @@
 """Every SOAP call a producer session makes is counted per method and exported as
-``vebaq_producer_vcenter_calls_total{method}`` (what the producer costs vCenter)."""
+``vebaq_producer_vcenter_calls_total{method,vcenter}`` (what the producer costs each vCenter)."""
 
 from __future__ import annotations
 
@@ -24,12 +24,13 @@ def test_a_sessions_calls_are_counted_per_method(vcsim: str) -> None:
         session.si.content.about.apiVersion  # noqa: B018 - a property read: Fetch
     finally:
         session.close()
-    made = {method: count - before.get(method, 0) for method, count in vcenter.CALLS.items()
-            if count != before.get(method, 0)}
+    made = {method: count - before.get((url, method), 0)
+            for (url, method), count in vcenter.CALLS.items()
+            if count != before.get((url, method), 0) and url == vcsim}
     assert made["CurrentTime"] == 1  # session.now()
     assert made["CreateCollectorForEvents"] == 1 and made["DestroyCollector"] == 1
     assert made["ReadNextEvents"] >= 1 and made["RetrievePropertiesEx"] >= 1
     assert made["Fetch"] >= 1
     text = generate_latest(ProducerMetrics().registry).decode()
-    assert (f'vebaq_producer_vcenter_calls_total{{method="ReadNextEvents"}} '
-            f'{float(vcenter.CALLS["ReadNextEvents"])}') in text
+    assert (f'vebaq_producer_vcenter_calls_total{{method="ReadNextEvents",vcenter="{vcsim}"}} '
+            f'{float(vcenter.calls("ReadNextEvents", vcsim))}') in text

@@ -1,4 +1,4 @@
-"""The ``vebaq`` command: ``producer``, ``ingress``, ``worker``, ``dev`` and friends.
+"""The ``vebaq`` command: ``producer``, ``ingress``, ``worker``, ``dev``, ``status`` and friends.
 
 Every :class:`~vebaq.core.errors.VebaqError` ends the command with one line on stderr and the
 error's exit status; no traceback, no secret.
@@ -73,16 +73,19 @@ def cli() -> None:
               help="With --simulate: events already waiting at start.")
 def producer(config_path: str | None, metrics_port: int, log_level: str, simulate: bool,
              rate: float, backlog: int) -> None:
-    """Read vCenter events and enqueue them to the worker pools."""
+    """Read vCenter events and enqueue them to the worker pools.
+
+    Reads every configured vCenter (vcenters in the config file), each in its own thread; several
+    producers on one Redis share the vCenters out, each read by one of them at a time."""
     from vebaq.core import logs
 
     settings = load_settings(config_path)
     logs.setup(log_level, settings.secrets())
     from producer.metrics import serve
-    from producer.service import ProducerService
+    from producer.supervisor import Supervisor
 
-    service = ProducerService(settings, simulate={"rate": rate, "backlog": backlog}
-                              if simulate else None)
+    service = Supervisor(settings, simulate={"rate": rate, "backlog": backlog}
+                         if simulate else None)
     if metrics_port:
         serve(service.metrics, metrics_port)
 
@@ -617,6 +620,45 @@ def replay(ctx: click.Context, since: str, until: str | None, subjects: tuple[st
                f"{replays.describe(summary, dry_run)}")
     if summary.stopped_at is not None:
         sys.exit(130)  # interrupted, as a shell reports Ctrl-C
+
+
+@cli.command(cls=BrokerCommand)
+@click.option("--json", "as_json", is_flag=True, help="As a JSON object.")
+@click.option("--config", "config_path", envvar="VEBAQ_CONFIG", type=click.Path(),
+              help="YAML configuration file (default: $VEBAQ_CONFIG); gives the broker URL and "
+                   "the vCenters.")
+@click.pass_context
+def status(ctx: click.Context, as_json: bool, config_path: str | None) -> None:
+    """Which producer reads which vCenter, its state, lag and checkpoint; the live producers.
+
+    Read from Redis (leases, heartbeats, checkpoints): any host that reaches the broker can ask.
+    Lag: seconds since every event of the vCenter was last known enqueued, as its producer
+    reported it at its last heartbeat."""
+    from producer import status as cluster
+
+    store = ctx.obj = BrokerStore(config_path)
+    ctx.call_on_close(store.close)
+    found = cluster.read(store.redis, store.settings.vcenters)
+    if as_json:
+        click.echo(json.dumps(found, indent=2))
+        return
+    rows = []
+    for vc in found["vcenters"]:
+        checkpoint = vc["checkpoint"]
+        where = (f"event {checkpoint['key']}, written {_age(checkpoint['age_seconds'])} ago"
+                 if checkpoint else "-")
+        lag = vc["lag_seconds"]
+        rows.append((vc["url"] + ("" if vc["configured"] else " (not configured here)"),
+                     _cell(vc["reader"]), one_line(vc["state"], LIST_ERROR_WIDTH),
+                     "-" if lag is None else f"{lag:.1f}s", where))
+    click.echo(_table(("VCENTER", "READ BY", "STATE", "LAG", "CHECKPOINT"), rows))
+    click.echo("")
+    if not found["producers"]:
+        click.echo("no live producer")
+        return
+    click.echo(_table(("PRODUCER", "HEARTBEAT", "READING", "SHARE"), [
+        (p["id"], f"{p['heartbeat_age_seconds']:.1f}s ago", str(len(p["reading"])),
+         _cell(p["share"])) for p in found["producers"]]))
 
 
 def main() -> None:

@@ -13,6 +13,8 @@
 // at once. -legacy-events leaves Debian 0.24's own event manager and property collector as
 // they are (collectors that do not page forward: what older vmware/vcsim images do).
 //
+// -instance-uuid gives the simulator an instance UUID of its own (several vCenters in one test).
+//
 // Test hooks, outside the SOAP API, on the same listener: GET /vebaq/collectors (front.go).
 // Sessions: SessionManager.TerminateSession (Debian's) ends another session; that session's
 // later calls fail with NotAuthenticated, and a wait it has under way ends with that fault.
@@ -29,6 +31,7 @@ import (
 	"syscall"
 
 	"github.com/vmware/govmomi/simulator"
+	"github.com/vmware/govmomi/vim25"
 )
 
 func main() {
@@ -43,6 +46,8 @@ func main() {
 		"events a collector holds; past that many unread it goes stale silently (0: no limit)")
 	maxCollectors := flag.Int("max-collectors", 32, "event collectors in all, across sessions")
 	retention := flag.Int("event-retention", 100000, "events the event manager keeps")
+	instance := flag.String("instance-uuid", "",
+		"the vCenter's instance UUID (default: govmomi 0.24's, the same in every simulator)")
 	flag.Parse()
 
 	model := simulator.VPX()
@@ -50,6 +55,12 @@ func main() {
 	if err := model.Create(); err != nil {
 		fmt.Fprintln(os.Stderr, "vcsim-lite:", err)
 		os.Exit(1)
+	}
+	if *instance != "" {
+		// govmomi 0.24 means to give each simulator a UUID of its own, but sets it on a copy:
+		// every one has its template's. Several vCenters in one test need theirs.
+		si := simulator.Map.Get(vim25.ServiceInstance).(*simulator.ServiceInstance)
+		si.Content.About.InstanceUuid = *instance
 	}
 	var events *peer
 	if !*legacy {

@@ -19,6 +19,10 @@ The file is modelled on the VEBA router config; every key is optional::
       notifications: true           # wake on vCenter's change notifications between polls
       pushdown: true                # vCenter sends only events some trigger may match
       checkpoint: {maxAge: 1h}
+    vcenters:                       # several vCenters instead of the one above (see below)
+      - url: https://vc01.example.com/sdk
+        password: {env: VC01_PASSWORD}
+      - {url: https://vc02.example.com/sdk, password: {env: VC02_PASSWORD}, pollInterval: 2s}
     archive:                        # every event, kept for `vebaq replay` (vebaq.core.archive)
       enabled: true
       maxAge: 7d                    # per vCenter; at most 7d (how long done markers last)
@@ -43,6 +47,12 @@ The file is modelled on the VEBA router config; every key is optional::
 
 A secret (a password, a token, a header value) may be given as ``{env: NAME}``: it is then read
 from the environment variable ``NAME`` when the settings load.
+
+Several vCenters: ``vcenters`` lists them, each entry with the keys of ``vcenter`` (``url``
+required). Then ``vcenter`` and the ``VCENTER_*`` variables give defaults for every entry (an
+entry's own key wins), except the URL: ``vcenter.url`` or ``VCENTER_URL`` next to ``vcenters``
+is refused, as are two entries for the same vCenter (the same URL, normalised by
+:func:`normalise_sdk_url`). Without ``vcenters``, ``vcenter`` is a list of one.
 
 Unknown keys and wrong types are refused with a :class:`~vebaq.core.errors.ConfigError` naming the
 key, e.g. ``vebaq.yaml: vcenter.pollIntervall: unknown key``.
@@ -190,6 +200,8 @@ class VCenterSettings:
     pushdown: bool = True
     #: On restart, never replay events older than this many seconds.
     checkpoint_max_age: float = 3600.0
+    #: Where it was configured (``vcenter`` or ``vcenters[2]``), for error messages.
+    where: str = "vcenter"
 
 
 @dataclass(frozen=True)
@@ -295,7 +307,8 @@ class Settings:
     #: A "task-sent" event per message, so that Flower shows each task's queue and the tasks
     #: still waiting in it; costs a second publish per task.
     task_sent_events: bool = True
-    vcenter: VCenterSettings = field(default_factory=VCenterSettings)
+    #: The vCenters to read, at least one (``vcenters``, or the single ``vcenter`` section).
+    vcenters: tuple[VCenterSettings, ...] = (VCenterSettings(),)
     vrops: VropsSettings = field(default_factory=VropsSettings)
     archive: ArchiveSettings = field(default_factory=ArchiveSettings)
     #: ``router`` (com.vmware.event.router/event …) or ``vsphere`` (com.vmware.vsphere.X.v0).
@@ -314,6 +327,11 @@ class Settings:
     #: ``triggers`` came from the defaults, not the file (see :func:`check_pools`).
     default_triggers: bool = True
 
+    @property
+    def vcenter(self) -> VCenterSettings:
+        """The first (with the single ``vcenter`` section, the only) vCenter."""
+        return self.vcenters[0]
+
     def retry_policy(self, pool: str) -> RetryPolicy:
         return self.retry.get(pool, RetryPolicy())
 
@@ -324,7 +342,7 @@ class Settings:
 
     def secrets(self) -> tuple[str, ...]:
         """Every secret value, for scrubbing free text."""
-        values = [self.vcenter.password.reveal(), self.vrops.password.reveal(),
+        values = [*(vc.password.reveal() for vc in self.vcenters), self.vrops.password.reveal(),
                   *self.ingress.secrets()]
         for sink in self.sinks.values():
             values.extend(sink.secrets())
@@ -334,7 +352,8 @@ class Settings:
         return tuple(v for v in values if v)
 
     def __repr__(self) -> str:
-        return (f"Settings(broker_url={redact_url(self.broker_url)!r}, vcenter={self.vcenter!r}, "
+        vcenters = ", ".join(repr(vc.url) for vc in self.vcenters)
+        return (f"Settings(broker_url={redact_url(self.broker_url)!r}, vcenters=[{vcenters}], "
                 f"vrops={self.vrops!r}, triggers={len(self.triggers)})")
 
 
@@ -476,10 +495,31 @@ def check_http_url(url: str, path: str) -> str:
 
 
 def check_sdk_url(url: str, path: str) -> str:
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a malformed port
+    except ValueError:
+        raise ConfigError(f"{path}: malformed URL {redact_url(url)!r}") from None
     if parts.scheme not in ("https", "http") or not parts.hostname:
         raise ConfigError(f"{path}: expected https://<vcenter>/sdk, got {redact_url(url)!r}")
     return url
+
+
+def normalise_sdk_url(url: str) -> str:
+    """One spelling per vCenter endpoint: scheme and host in lower case, no default port, no
+    trailing slash, ``/sdk`` when the path is empty (``HTTPS://VC01.example.com:443/sdk/`` →
+    ``https://vc01.example.com/sdk``). Two configured vCenters with the same normalised URL are
+    one vCenter; the producer lease is named by it (:mod:`producer.lease`)."""
+    parts = urlsplit(url.strip())
+    scheme = parts.scheme.lower()
+    host = (parts.hostname or "").rstrip(".")
+    if ":" in host:
+        host = f"[{host}]"  # IPv6
+    port = parts.port
+    if port is not None and port != {"https": 443, "http": 80}.get(scheme):
+        host = f"{host}:{port}"
+    path = parts.path.rstrip("/") or "/sdk"
+    return f"{scheme}://{host}{path}"
 
 
 # --- sections: file key → (dataclass field, parser)
@@ -619,8 +659,8 @@ _LIMITS = {
 }
 #: Keys of the ``broker`` section (parsed in :func:`_build`).
 _BROKER = ("url", "visibilityTimeout", "taskSentEvents")
-_TOP_LEVEL = ("broker", "vcenter", "archive", "cloudevents", "functions", "triggers", "pools",
-              "vrops", "ingress", "apiVersion", "kind")
+_TOP_LEVEL = ("broker", "vcenter", "vcenters", "archive", "cloudevents", "functions", "triggers",
+              "pools", "vrops", "ingress", "apiVersion", "kind")
 
 #: Environment variables → (section, file key). Env wins over the file.
 ENVIRONMENT: dict[str, tuple[str, str]] = {
@@ -655,6 +695,66 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "vropsUser": ("vrops", "username"),
     "vropsPassword": ("vrops", "password"),
 }
+
+
+def _vcenter_fields(environ: Mapping[str, str]) -> dict[str, tuple[str, Callable]]:
+    return {**_VCENTER, "password": ("password", _secret_from(environ))}
+
+
+def _with_checkpoint(vcenter: VCenterSettings, checkpoint: Any, path: str) -> VCenterSettings:
+    if not isinstance(checkpoint, Mapping) or set(checkpoint) - {"maxAge"}:
+        raise ConfigError(f"{path}.checkpoint: expected a mapping with maxAge only")
+    if "maxAge" not in checkpoint:
+        return vcenter
+    return replace(vcenter, checkpoint_max_age=parse_duration(checkpoint["maxAge"],
+                                                              f"{path}.checkpoint.maxAge"))
+
+
+def _check_vcenter(vcenter: VCenterSettings) -> VCenterSettings:
+    path = vcenter.where
+    if vcenter.page_size < 1 or vcenter.page_size > 1000:
+        raise ConfigError(f"{path}.pageSize: must be between 1 and 1000, got {vcenter.page_size}")
+    if vcenter.request_timeout <= 0:
+        raise ConfigError(f"{path}.requestTimeout: must be > 0")
+    if vcenter.poll_interval <= 0 or vcenter.max_poll_interval < vcenter.poll_interval:
+        raise ConfigError(f"{path}.pollInterval: must be > 0 and ≤ {path}.maxPollInterval")
+    return vcenter
+
+
+def _parse_vcenters(raw: Any, defaults_raw: dict[str, Any], checkpoint: Any,
+                    environ: Mapping[str, str]) -> tuple[VCenterSettings, ...]:
+    """``vcenters`` (each entry on top of the ``vcenter`` section and ``VCENTER_*``), or the
+    ``vcenter`` section alone as a list of one."""
+    fields = _vcenter_fields(environ)
+    defaults = _with_checkpoint(_apply(VCenterSettings(), defaults_raw, fields, "vcenter"),
+                                checkpoint or {}, "vcenter")
+    if raw is None:
+        return (_check_vcenter(defaults),)
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError("vcenters: expected a list of vCenters, each with at least a url")
+    if defaults.url:
+        source = "VCENTER_URL" if environ.get("VCENTER_URL") else "vcenter.url"
+        raise ConfigError(f"{source}: set next to vcenters (list every vCenter under vcenters, "
+                          f"or configure one in vcenter)")
+    vcenters: list[VCenterSettings] = []
+    first_at: dict[str, str] = {}
+    for i, entry in enumerate(raw):
+        path = f"vcenters[{i}]"
+        if not isinstance(entry, Mapping):
+            raise ConfigError(f"{path}: expected a mapping with url, username, password, …")
+        entry = dict(entry)
+        entry_checkpoint = entry.pop("checkpoint", None) or {}
+        if not (entry.get("url") or entry.get("address")):
+            raise ConfigError(f"{path}.url: missing (https://<vcenter>/sdk)")
+        vcenter = _with_checkpoint(_apply(replace(defaults, where=path), entry, fields, path),
+                                   entry_checkpoint, path)
+        identity = normalise_sdk_url(vcenter.url)
+        if identity in first_at:
+            raise ConfigError(f"{path}.url: the same vCenter as {first_at[identity]} "
+                              f"({identity}); list each vCenter once")
+        first_at[identity] = path
+        vcenters.append(_check_vcenter(vcenter))
+    return tuple(vcenters)
 
 
 def _apply(obj: Any, raw: Any, fields: dict[str, tuple[str, Callable]], path: str) -> Any:
@@ -791,18 +891,7 @@ def _build(raw: dict[str, Any], environ: Mapping[str, str]) -> Settings:
     check_broker_url(_string(broker_url, "broker.url"),
                      "VEBAQ_BROKER_URL" if environ.get("VEBAQ_BROKER_URL") else "broker.url")
 
-    vcenter = _apply(VCenterSettings(), vcenter_raw, _VCENTER, "vcenter")
-    if not isinstance(checkpoint, Mapping) or set(checkpoint) - {"maxAge"}:
-        raise ConfigError("vcenter.checkpoint: expected a mapping with maxAge only")
-    if "maxAge" in checkpoint:
-        vcenter = replace(vcenter, checkpoint_max_age=parse_duration(
-            checkpoint["maxAge"], "vcenter.checkpoint.maxAge"))
-    if vcenter.page_size < 1 or vcenter.page_size > 1000:
-        raise ConfigError(f"vcenter.pageSize: must be between 1 and 1000, got {vcenter.page_size}")
-    if vcenter.request_timeout <= 0:
-        raise ConfigError("vcenter.requestTimeout: must be > 0")
-    if vcenter.poll_interval <= 0 or vcenter.max_poll_interval < vcenter.poll_interval:
-        raise ConfigError("vcenter.pollInterval: must be > 0 and ≤ vcenter.maxPollInterval")
+    vcenters = _parse_vcenters(raw.get("vcenters"), vcenter_raw, checkpoint, environ)
     vrops = _apply(VropsSettings(), sections["vrops"], _VROPS, "vrops")
     if vrops.url and "://" not in vrops.url:  # the walkthrough's vropsFqdn is a bare host name
         vrops = replace(vrops, url=f"https://{vrops.url}")
@@ -857,7 +946,7 @@ def _build(raw: dict[str, Any], environ: Mapping[str, str]) -> Settings:
         triggers = _parse_triggers(raw["triggers"])
 
     return Settings(broker_url=broker_url, visibility_timeout=visibility_timeout,
-                    task_sent_events=task_sent_events, vcenter=vcenter, vrops=vrops,
+                    task_sent_events=task_sent_events, vcenters=vcenters, vrops=vrops,
                     archive=archive, cloudevent_type=cloudevent_type, triggers=triggers,
                     retry=retry, limits=limits, sinks=sinks, ingress=ingress,
                     functions=tuple(m.strip() for m in functions),

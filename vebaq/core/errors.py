@@ -61,6 +61,10 @@ class VCenterError(VebaqError):
     exit_code = 3
 
 
+class LoginRefused(VCenterError):
+    """vCenter refused the user name or password (retrying soon would risk an SSO lockout)."""
+
+
 class BrokerError(VebaqError):
     """The Redis broker is unreachable or refused the connection."""
 

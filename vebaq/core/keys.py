@@ -28,8 +28,28 @@ def key_epoch(instance_uuid: str) -> str:
 
 
 def lease(scope: str) -> str:
-    """The producer lease for one vCenter (:mod:`producer.lease`)."""
+    """The producer lease for one vCenter (:mod:`producer.lease`), named by its normalised URL
+    (:func:`vebaq.core.config.normalise_sdk_url`)."""
     return f"{PREFIX}:lease:{scope}"
+
+
+#: Prefix of every lease key (``vebaq status`` lists them).
+LEASE_PREFIX = f"{PREFIX}:lease:"
+
+#: Sorted set of live producer id → its last heartbeat (Redis' clock, epoch seconds): how
+#: producers count each other to share the vCenters out (:mod:`producer.membership`).
+PRODUCERS = f"{PREFIX}:producers"
+
+
+def producer_state(producer_id: str) -> str:
+    """JSON of what one producer reads and how each of its vCenters is doing, rewritten with
+    every heartbeat and expiring soon after the last (``vebaq status``)."""
+    return f"{PREFIX}:producer:{producer_id}"
+
+
+#: Hash of normalised vCenter URL → its instance UUID (which names its checkpoint), written at
+#: each login, so that ``vebaq status`` finds the checkpoint of a vCenter nobody reads now.
+VCENTER_INSTANCES = f"{PREFIX}:vcenter:instances"
 
 
 # --- the event archive (:mod:`vebaq.core.archive`), per vCenter instance
