@@ -24,6 +24,7 @@ from pyVim.connect import Disconnect, SmartConnect
 from pyVmomi import vim
 
 from producer.cloudevent import event_id
+from producer.reader import EventReader
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache"
@@ -391,3 +392,17 @@ def report(name: str, sent: list[str], r: redis.Redis) -> tuple[int, int]:
 def all_enqueued(r: redis.Redis, sent: list[str]) -> bool:
     counts = enqueued(r)
     return all(counts[i] for i in sent)
+
+
+def drain(reader: EventReader, polls: int = 20) -> list:
+    """Poll until ``polls`` polls in a row returned nothing, confirming what came."""
+    read, empty = [], 0
+    while empty < polls:
+        batch = reader.poll()
+        if not batch:
+            empty += 1
+            continue
+        empty = 0
+        read.extend(batch)
+        reader.confirmed([e.key for e in batch], begin=batch[0].createdTime)
+    return read

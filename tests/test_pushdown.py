@@ -20,7 +20,7 @@ from pyVmomi import vim
 from producer.cloudevent import to_cloudevent
 from producer.pushdown import Pushdown, pushdown_for
 from producer.reader import STALL_POLLS, EventReader, SeenKeys
-from tests.support import Simulator, VCenter, build_vcsim
+from tests.support import Simulator, VCenter, build_vcsim, drain
 from vebaq.core.envelope import to_structured
 from vebaq.core.routing import DEFAULT_TRIGGERS, Trigger, parse_filter, route
 
@@ -231,19 +231,6 @@ def new_reader(vcenter: VCenter, pushdown: Pushdown) -> EventReader:
                          pushdown=pushdown)
     reader.open()
     return reader
-
-
-def drain(reader: EventReader, polls: int) -> list:
-    read, empty = [], 0
-    while empty < polls:
-        batch = reader.poll()
-        if not batch:
-            empty += 1
-            continue
-        empty = 0
-        read.extend(batch)
-        reader.confirmed([e.key for e in batch], begin=batch[0].createdTime)
-    return read
 
 
 def chatter(vcenter: VCenter, count: int, label: str) -> None:

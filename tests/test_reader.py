@@ -20,7 +20,7 @@ import pytest
 from pyVmomi import vim
 
 from producer.reader import MAX_EVENTS_PER_POLL, STALL_POLLS, EventReader, SeenKeys
-from tests.support import Simulator, VCenter, build_vcsim
+from tests.support import Simulator, VCenter, build_vcsim, drain
 
 
 def post_many(vcenter: VCenter, count: int, label: str) -> None:
@@ -37,20 +37,6 @@ def collectors(sdk_url: str) -> dict:
     with urllib.request.urlopen(sdk_url.removesuffix("/sdk") + "/vebaq/collectors",
                                 timeout=10) as answer:
         return json.load(answer)
-
-
-def drain(reader: EventReader, polls: int = 20) -> list:
-    """Poll until ``polls`` polls in a row returned nothing, confirming what came."""
-    read, empty = [], 0
-    while empty < polls:
-        batch = reader.poll()
-        if not batch:
-            empty += 1
-            continue
-        empty = 0
-        read.extend(batch)
-        reader.confirmed([e.key for e in batch], begin=batch[0].createdTime)
-    return read
 
 
 @pytest.fixture

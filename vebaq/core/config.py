@@ -482,27 +482,26 @@ def check_broker_url(url: str, path: str = "broker.url") -> str:
     return url
 
 
-def check_http_url(url: str, path: str) -> str:
-    """An ``http(s)://host…`` URL (a sink's), refused without echoing a password."""
+def _check_web_url(url: str, path: str, expected: str) -> str:
+    """An ``http(s)://host…`` URL, refused (naming ``expected``) without echoing a password."""
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises on a malformed port
     except ValueError:
         raise ConfigError(f"{path}: malformed URL {redact_url(url)!r}") from None
     if parts.scheme not in ("https", "http") or not parts.hostname:
-        raise ConfigError(f"{path}: expected an http:// or https:// URL, got {redact_url(url)!r}")
+        raise ConfigError(f"{path}: expected {expected}, got {redact_url(url)!r}")
     return url
+
+
+def check_http_url(url: str, path: str) -> str:
+    """A sink's URL."""
+    return _check_web_url(url, path, "an http:// or https:// URL")
 
 
 def check_sdk_url(url: str, path: str) -> str:
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises on a malformed port
-    except ValueError:
-        raise ConfigError(f"{path}: malformed URL {redact_url(url)!r}") from None
-    if parts.scheme not in ("https", "http") or not parts.hostname:
-        raise ConfigError(f"{path}: expected https://<vcenter>/sdk, got {redact_url(url)!r}")
-    return url
+    """A vCenter's SDK URL."""
+    return _check_web_url(url, path, "https://<vcenter>/sdk")
 
 
 def normalise_sdk_url(url: str) -> str:
