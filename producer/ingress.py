@@ -66,7 +66,7 @@ from kombu.exceptions import KombuError, OperationalError
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from vebaq.core import done, keys
+from vebaq.core import done, keys, replication
 from vebaq.core.broker import sender_app
 from vebaq.core.config import IngressSettings, Settings
 from vebaq.core.envelope import check_time, from_structured, to_structured
@@ -332,6 +332,7 @@ class Ingress:
         try:
             self.claim_ids(messages)
             self.publisher.publish(messages, atomic=True)
+            replication.confirm(self.redis)  # 202 only for what a failover keeps (if replicated)
         except Refused:
             raise
         except REDIS_ERRORS as exc:

@@ -31,7 +31,7 @@ from producer.pushdown import pushdown_for
 from producer.reader import EventReader, SeenKeys
 from producer.simulated import SIMULATED_URL, SimulatedReader, SimulatedSession
 from producer.vcenter import CONNECTION_LOST, SESSION_LOST, Session, connect
-from vebaq.core import deadletters, keys, progress
+from vebaq.core import deadletters, keys, progress, replication
 from vebaq.core.archive import HIGH_WATER, Archive
 from vebaq.core.broker import sender_app
 from vebaq.core.config import Settings, VCenterSettings
@@ -452,6 +452,8 @@ class ProducerService:
             self._archive(pending, encoded)
             checkpoint = self.store.commit([(item.key, item.created) for item in pending],
                                            self.reader.floor, fence=self.lease)
+            # Only a checkpoint on a replica survives a failover: without replicas, no wait.
+            replication.confirm(self.redis)
         except LeaseLost:
             logger.error("lease lost while publishing: checkpoint left to the new holder")
             self.lease.held.clear()

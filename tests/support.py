@@ -406,3 +406,181 @@ def drain(reader: EventReader, polls: int = 20) -> list:
         read.extend(batch)
         reader.confirmed([e.key for e in batch], begin=batch[0].createdTime)
     return read
+
+
+# --- Redis Sentinel: a master, replicas and Sentinels of the tests' own
+
+class SentinelCluster:
+    """A master ``redis-server``, ``replicas`` replicas of it and ``sentinels`` ``redis-sentinel``
+    processes monitoring it as :attr:`MASTER`, all on free loopback ports in ``workdir``.
+    Passwords go in the processes' config files, never on their command lines.
+
+    :param down_after_ms: how long the master must not answer before a Sentinel thinks it down.
+    :param password: the master's (and replicas') ``requirepass``; :param sentinel_password: the
+        Sentinels' own.
+    """
+
+    MASTER = "vebaq-master"
+
+    def __init__(self, workdir: Path, *, replicas: int = 1, sentinels: int = 3,
+                 down_after_ms: int = 1000, failover_timeout_ms: int = 3000,
+                 password: str | None = None, sentinel_password: str | None = None) -> None:
+        for binary in ("redis-server", "redis-sentinel"):
+            if shutil.which(binary) is None:
+                raise RuntimeError(f"{binary} is not on PATH: apt-get install redis-server "
+                                   "redis-sentinel")
+        self.workdir = workdir
+        self.password = password
+        self.sentinel_password = sentinel_password
+        self.down_after_ms = down_after_ms
+        self.failover_timeout_ms = failover_timeout_ms
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.servers: dict[int, subprocess.Popen | None] = {}
+        self.sentinel_procs: dict[int, subprocess.Popen] = {}
+        self.master_port = self._start_server(free_port())
+        for _ in range(replicas):
+            self._start_server(free_port(), replica_of=self.master_port)
+        for _ in range(sentinels):
+            self._start_sentinel(free_port())
+        wait_until(lambda: all(self._sentinel_sees_replicas(p, replicas)
+                               for p in self.sentinel_procs), 30,
+                   "the Sentinels to know the master, its replicas and each other")
+
+    # --- processes
+
+    def _server_conf(self, port: int, replica_of: int | None) -> Path:
+        conf = self.workdir / f"redis-{port}.conf"
+        lines = [f"port {port}", "bind 127.0.0.1", f"dir {self.workdir}",
+                 f"dbfilename dump-{port}.rdb", 'save ""', "appendonly no",
+                 "repl-diskless-sync yes", "repl-diskless-sync-delay 0"]
+        if self.password:
+            lines += [f"requirepass {self.password}", f"masterauth {self.password}"]
+        if replica_of:
+            lines.append(f"replicaof 127.0.0.1 {replica_of}")
+        conf.write_text("\n".join(lines) + "\n")
+        return conf
+
+    def _start_server(self, port: int, replica_of: int | None = None) -> int:
+        conf = self.workdir / f"redis-{port}.conf"
+        if not conf.exists():
+            conf = self._server_conf(port, replica_of)
+        self.servers[port] = subprocess.Popen(
+            [shutil.which("redis-server"), str(conf)], stdin=subprocess.DEVNULL,
+            stdout=open(self.workdir / f"redis-{port}.log", "ab"),  # noqa: SIM115
+            stderr=subprocess.STDOUT)
+        wait_until(lambda: pings(self.redis_url(port), 0.5), 20, f"redis-server on {port}")
+        return port
+
+    def _start_sentinel(self, port: int) -> None:
+        conf = self.workdir / f"sentinel-{port}.conf"
+        lines = [f"port {port}", "bind 127.0.0.1", f"dir {self.workdir}",
+                 f"sentinel monitor {self.MASTER} 127.0.0.1 {self.master_port} 2",
+                 f"sentinel down-after-milliseconds {self.MASTER} {self.down_after_ms}",
+                 f"sentinel failover-timeout {self.MASTER} {self.failover_timeout_ms}",
+                 f"sentinel parallel-syncs {self.MASTER} 1"]
+        if self.password:
+            lines.append(f"sentinel auth-pass {self.MASTER} {self.password}")
+        if self.sentinel_password:
+            lines += [f"requirepass {self.sentinel_password}",
+                      f"sentinel sentinel-pass {self.sentinel_password}"]
+        conf.write_text("\n".join(lines) + "\n")
+        self.sentinel_procs[port] = subprocess.Popen(
+            [shutil.which("redis-sentinel"), str(conf)], stdin=subprocess.DEVNULL,
+            stdout=open(self.workdir / f"sentinel-{port}.log", "ab"),  # noqa: SIM115
+            stderr=subprocess.STDOUT)
+
+    def _sentinel(self, port: int) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=port, password=self.sentinel_password,
+                           socket_timeout=2, socket_connect_timeout=1, decode_responses=True)
+
+    def _sentinel_sees_replicas(self, port: int, replicas: int) -> bool:
+        try:
+            with self._sentinel(port) as s:
+                master = s.sentinel_master(self.MASTER)
+                return (int(master.get("num-slaves", 0)) >= replicas
+                        and int(master.get("num-other-sentinels", 0))
+                        >= len(self.sentinel_procs) - 1)
+        except redis.RedisError:
+            return False
+
+    # --- addresses
+
+    def redis_url(self, port: int, db: int = 0) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{port}/{db}"
+
+    def url(self, db: int = 0) -> str:
+        """The ``sentinel://`` broker URL of every Sentinel (the master's password in the first
+        alternative, as kombu reads it)."""
+        auth = f":{self.password}@" if self.password else ""
+        parts = [f"sentinel://{auth if i == 0 else ''}127.0.0.1:{port}"
+                 for i, port in enumerate(self.sentinel_procs)]
+        return ";".join(parts) + f"/{db}"
+
+    def env(self) -> dict[str, str]:
+        """What vebaq's processes need besides :meth:`url` (the Sentinel password by env)."""
+        env = {"VEBAQ_BROKER_MASTER_NAME": self.MASTER}
+        if self.sentinel_password:
+            env["VEBAQ_SENTINEL_PASSWORD"] = self.sentinel_password
+        return env
+
+    def master(self) -> int:
+        """The port the Sentinels name as master now (a majority of them)."""
+        votes: Counter[int] = Counter()
+        for port in self.sentinel_procs:
+            try:
+                with self._sentinel(port) as s:
+                    votes[int(s.sentinel_get_master_addr_by_name(self.MASTER)[1])] += 1
+            except (redis.RedisError, TypeError):
+                continue
+        return votes.most_common(1)[0][0] if votes else 0
+
+    def client(self, db: int = 0) -> redis.Redis:
+        """A client of the master, wherever it is now (redis-py's Sentinel support)."""
+        from redis.sentinel import Sentinel
+
+        sentinel = Sentinel([("127.0.0.1", p) for p in self.sentinel_procs],
+                            sentinel_kwargs={"password": self.sentinel_password,
+                                             "socket_timeout": 2},
+                            socket_timeout=5, socket_connect_timeout=2)
+        return sentinel.master_for(self.MASTER, db=db, password=self.password)
+
+    # --- faults
+
+    def kill_master(self) -> int:
+        """``kill -9`` the current master; returns its port."""
+        port = self.master()
+        proc = self.servers[port]
+        proc.kill()
+        proc.wait(10)
+        self.servers[port] = None
+        return port
+
+    def wait_for_failover(self, old: int, timeout: float = 60) -> int:
+        """Wait until the Sentinels name a new master and it takes writes; returns its port."""
+        def promoted() -> int:
+            port = self.master()
+            if port and port != old:
+                try:
+                    with redis.Redis.from_url(self.redis_url(port), socket_timeout=1) as r:
+                        if r.info("replication").get("role") == "master":
+                            return port
+                except redis.RedisError:
+                    return 0
+            return 0
+        return wait_until(promoted, timeout, "Sentinel to promote a replica", 0.05)
+
+    def restart(self, port: int) -> None:
+        """Start a killed server again (the Sentinels make it a replica of the new master)."""
+        self._start_server(port)
+
+    def stop(self) -> None:
+        for proc in [*self.sentinel_procs.values(), *self.servers.values()]:
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+        for proc in [*self.sentinel_procs.values(), *self.servers.values()]:
+            if proc is not None:
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()

@@ -324,3 +324,53 @@ def test_bad_pool_limits_name_the_key(tmp_path: Path, pool: str, message: str) -
     with pytest.raises(ConfigError) as raised:
         config.load(path, environ={}, known_pools=POOLS)
     assert message in str(raised.value)
+
+
+def test_sentinel_broker_from_file_and_env(tmp_path: Path) -> None:
+    from vebaq.core import broker, redisdb
+
+    path = tmp_path / "vebaq.yaml"
+    path.write_text("broker:\n  url: 'sentinel://:masterpw@s1:26379;sentinel://s2:26380/2'\n"
+                    "  masterName: mymaster\n  sentinelPassword: {env: SENTINEL_PW}\n")
+    settings = config.load(path, environ={"SENTINEL_PW": "sentinel-pw"})
+    # Every alternative carries the password and database (kombu uses the one it tries).
+    assert settings.broker_url == ("sentinel://:masterpw@s1:26379/2;"
+                                   "sentinel://:masterpw@s2:26380/2")
+    assert settings.broker_master_name == "mymaster"
+    assert settings.sentinel_password == Secret("sentinel-pw")
+    assert {"masterpw", "sentinel-pw"} <= set(settings.secrets())
+    assert "masterpw" not in repr(settings) and "sentinel-pw" not in repr(settings)
+    assert redisdb.sentinel_options(settings.broker_url).master_name == "mymaster"
+    options = broker.celery_config(settings)["broker_transport_options"]
+    assert options["master_name"] == "mymaster"
+    assert options["sentinel_kwargs"]["password"] == "sentinel-pw"
+    from_env = config.load(environ={"VEBAQ_BROKER_URL": "sentinel://h:1;sentinel://h:2",
+                                    "VEBAQ_BROKER_MASTER_NAME": "other",
+                                    "VEBAQ_SENTINEL_PASSWORD": "pw2"})
+    assert from_env.broker_url == "sentinel://h:1/0;sentinel://h:2/0"
+    assert from_env.sentinel_password.reveal() == "pw2"
+    assert broker.celery_config(config.Settings())["broker_transport_options"].get(
+        "master_name") is None
+
+
+@pytest.mark.parametrize(("environ", "message"), [
+    ({"VEBAQ_BROKER_URL": "sentinel://h:1;sentinel://h:2"},
+     "broker.masterName: required with a sentinel:// broker URL"),
+    ({"VEBAQ_BROKER_URL": "sentinel://:pw@h:1;redis://h:2", "VEBAQ_BROKER_MASTER_NAME": "m"},
+     "VEBAQ_BROKER_URL: malformed Sentinel URL 'sentinel://:\\*\\*\\*@h:1;redis://h:2': "
+     "alternative 2 is not sentinel://host"),
+    ({"VEBAQ_BROKER_URL": "sentinel://h:1/1;sentinel://h:2/2", "VEBAQ_BROKER_MASTER_NAME": "m"},
+     "the alternatives name different databases"),
+    ({"VEBAQ_BROKER_URL": "sentinel://:pw@h:x", "VEBAQ_BROKER_MASTER_NAME": "m"},
+     "malformed Sentinel URL"),
+    ({"VEBAQ_BROKER_MASTER_NAME": "m"}, "broker.masterName: only for a sentinel:// broker URL"),
+])
+def test_bad_sentinel_settings_are_one_line(environ: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as caught:
+        config.load(environ=environ)
+    assert "pw@" not in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_sentinel_url_passwords_are_redacted_in_every_alternative() -> None:
+    assert redact_url("sentinel://:a@h:1/0;sentinel://:b@h:2/0") == \
+        "sentinel://:***@h:1/0;sentinel://:***@h:2/0"

@@ -266,13 +266,10 @@ class BrokerStore:
 
     @cached_property
     def redis(self) -> redis.Redis:
-        import redis
-
-        from vebaq.core.redisdb import check
+        from vebaq.core.redisdb import check, connect
 
         check(self.settings.broker_url, self.settings.secrets())  # one line if it refuses us
-        return redis.Redis.from_url(self.settings.broker_url, socket_connect_timeout=5,
-                                    socket_timeout=30)
+        return connect(self.settings.broker_url, socket_timeout=30)
 
     @cached_property
     def publisher(self) -> Publisher:

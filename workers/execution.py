@@ -31,6 +31,7 @@ from celery import Task
 from celery.exceptions import Reject, SoftTimeLimitExceeded
 from cloudevents.core.v1.event import CloudEvent
 
+from vebaq.core import replication
 from vebaq.core.deadletters import describe
 from vebaq.core.envelope import from_structured
 from vebaq.core.errors import EventTooLarge, PermanentError, PoisonMessage, SoftTimeLimit
@@ -76,6 +77,16 @@ def event_bytes(event: Mapping[str, Any]) -> int:
     except (TypeError, ValueError):  # not JSON-shaped: from_structured says what is wrong
         return 0
     return len(text.encode("utf-8", "surrogatepass"))
+
+
+def _replicated(r: redis.Redis, subject: str, event_id: str) -> None:
+    """Wait for the done markers to reach a replica (if there is one) before the task is acked:
+    a marker lost in a failover would let the redelivery run the function again. A lagging
+    replica only costs that risk: one warning, the task goes on."""
+    try:
+        replication.confirm(r)
+    except replication.NotReplicated as exc:
+        logger.warning("%s %s: done markers set, but %s", subject, event_id, exc)
 
 
 def handle(task: Task, kwargs: Mapping[str, Any], args: tuple[Any, ...] = ()) -> dict[str, Any]:
@@ -148,6 +159,8 @@ def _handle(task: Task, kwargs: Mapping[str, Any], args: tuple[Any, ...],
         ran.append(fn.name)
     if not to_run:
         delivery.finish()
+    if ran:
+        _replicated(redis_client, subject, event_id)
     if skipped:
         logger.info("%s %s: already handled by %s (duplicate delivery suppressed)",
                     subject, event_id, ", ".join(skipped))

@@ -5,6 +5,11 @@ late acks, the visibility timeout, task-sent events. :func:`celery_config` is th
 :func:`sender_app` is a plain Celery app with it, for processes that only send (it registers no
 task: sending needs only the task's name). The worker app (:mod:`workers.app`) starts from the
 same config and adds the worker's own settings.
+
+Redis Sentinel: with a ``sentinel://`` broker URL kombu's Sentinel transport is used, given the
+master's name (``master_name``) and the Sentinels' password (``sentinel_kwargs``) as transport
+options; the password stays in this process' memory (Celery hides ``*password*`` keys when it
+prints its configuration). vebaq's own clients get the same from :mod:`vebaq.core.redisdb`.
 """
 
 from __future__ import annotations
@@ -14,9 +19,21 @@ from typing import Any
 from celery import Celery
 
 from vebaq.core.config import Settings
+from vebaq.core.redisdb import CONNECT_TIMEOUT, SOCKET_TIMEOUT, is_sentinel
 
 #: Longest time between two sweeps for unacked tasks of dead workers, in seconds (kombu ≥ 5.7).
 RESTORE_INTERVAL = 10
+
+
+def sentinel_transport_options(settings: Settings) -> dict[str, Any]:
+    """kombu's Sentinel transport options for ``settings``' broker (none for ``redis://``)."""
+    if not is_sentinel(settings.broker_url):
+        return {}
+    sentinel_kwargs: dict[str, Any] = {"socket_timeout": SOCKET_TIMEOUT,
+                                       "socket_connect_timeout": CONNECT_TIMEOUT}
+    if settings.sentinel_password:
+        sentinel_kwargs["password"] = settings.sentinel_password.reveal()
+    return {"master_name": settings.broker_master_name, "sentinel_kwargs": sentinel_kwargs}
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -35,6 +52,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "unacked_restore_interval": max(1, min(RESTORE_INTERVAL,
                                                    int(settings.visibility_timeout / 2))),
             "unacked_restore_throttle": 1,
+            **sentinel_transport_options(settings),
         },
         "broker_connection_retry_on_startup": True,
         # Never pickle: messages are JSON, so a forged message cannot run code.

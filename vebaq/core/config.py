@@ -3,7 +3,9 @@
 The file is modelled on the VEBA router config; every key is optional::
 
     broker:
-      url: redis://127.0.0.1:6379/0
+      url: redis://127.0.0.1:6379/0   # or Sentinels: sentinel://s1:26379;sentinel://s2:26379/0
+      masterName: mymaster          # with sentinel:// URLs: the master the Sentinels monitor
+      sentinelPassword: {env: SENTINEL_PASSWORD}  # if the Sentinels ask for one
       visibilityTimeout: 5m         # redeliver a dead worker's task after this
       taskSentEvents: true          # Flower shows queued tasks (false: fastest drain)
     vcenter:
@@ -73,6 +75,13 @@ import yaml
 
 from vebaq.core.done import DONE_TTL
 from vebaq.core.errors import ConfigError, one_line
+from vebaq.core.redisdb import (
+    SentinelOptions,
+    is_sentinel,
+    normalise_sentinel_url,
+    parse_sentinel_url,
+    register_sentinel,
+)
 from vebaq.core.routing import DEFAULT_TRIGGERS, Trigger, parse_filter, parse_throttle
 from vebaq.core.secrets import Secret, redact_url
 
@@ -300,7 +309,14 @@ class ArchiveSettings:
 
 @dataclass(frozen=True)
 class Settings:
+    #: ``redis://…``, or ``sentinel://…;sentinel://…`` (Redis Sentinel, with
+    #: :attr:`broker_master_name`).
     broker_url: str = DEFAULT_BROKER_URL
+    #: With a ``sentinel://`` broker URL: the name of the master the Sentinels monitor.
+    broker_master_name: str = ""
+    #: With a ``sentinel://`` broker URL: the Sentinels' own password (``requirepass`` of
+    #: redis-sentinel), if they ask for one; the master's is the URL's.
+    sentinel_password: Secret = Secret("")
     #: Seconds after delivery before an unacked task (its worker died) goes back to its queue.
     #: Retries never wait in worker memory, so this only has to exceed the longest task run.
     visibility_timeout: float = DEFAULT_VISIBILITY_TIMEOUT
@@ -327,6 +343,13 @@ class Settings:
     #: ``triggers`` came from the defaults, not the file (see :func:`check_pools`).
     default_triggers: bool = True
 
+    def __post_init__(self) -> None:
+        # Every Redis client of this process made from the broker URL (vebaq.core.redisdb)
+        # needs the master name and Sentinel password that a sentinel:// URL does not carry.
+        if is_sentinel(self.broker_url) and self.broker_master_name:
+            register_sentinel(self.broker_url, SentinelOptions(self.broker_master_name,
+                                                               self.sentinel_password))
+
     @property
     def vcenter(self) -> VCenterSettings:
         """The first (with the single ``vcenter`` section, the only) vCenter."""
@@ -346,9 +369,8 @@ class Settings:
                   *self.ingress.secrets()]
         for sink in self.sinks.values():
             values.extend(sink.secrets())
-        password = urlsplit(self.broker_url).password
-        if password:
-            values.append(password)
+        values.append(self.sentinel_password.reveal())
+        values.append(broker_password(self.broker_url) or "")
         return tuple(v for v in values if v)
 
     def __repr__(self) -> str:
@@ -464,17 +486,36 @@ def _choice(*options: str) -> Callable[[Any, str], str]:
     return parse
 
 
+def broker_password(url: str) -> str | None:
+    """The Redis password in a broker URL (for a Sentinel URL, the master's), if any."""
+    try:
+        if is_sentinel(url):
+            return parse_sentinel_url(url).password
+        return urlsplit(url).password
+    except ValueError:
+        return None
+
+
 def check_broker_url(url: str, path: str = "broker.url") -> str:
-    """Refuse anything but a well-formed ``redis://``/``rediss://`` URL, without echoing a
+    """Refuse anything but a well-formed ``redis://``/``rediss://`` URL, or kombu's
+    ``sentinel://host:port;sentinel://host2:port2[/db]`` (Redis Sentinel), without echoing a
     password."""
+    if is_sentinel(url):
+        try:
+            normalise_sentinel_url(url)
+        except ValueError as exc:
+            raise ConfigError(f"{path}: malformed Sentinel URL {redact_url(url)!r}: {exc} "
+                              "(expected sentinel://[:password@]host:port;sentinel://host2:port2"
+                              "[/db])") from None
+        return url
     try:
         parts = urlsplit(url)
         port = parts.port
     except ValueError:
         raise ConfigError(f"{path}: malformed broker URL {redact_url(url)!r}") from None
     if parts.scheme not in ("redis", "rediss") or not parts.hostname:
-        raise ConfigError(f"{path}: expected redis://[:password@]host[:port][/db], "
-                          f"got {redact_url(url)!r}")
+        raise ConfigError(f"{path}: expected redis://[:password@]host[:port][/db] or "
+                          f"sentinel://host:port;sentinel://host2:port2, got {redact_url(url)!r}")
     db = parts.path.lstrip("/")
     if db and not db.isdigit():
         raise ConfigError(f"{path}: the database in {redact_url(url)!r} must be a number")
@@ -657,7 +698,7 @@ _LIMITS = {
     "timeLimit": ("time_limit", parse_duration),
 }
 #: Keys of the ``broker`` section (parsed in :func:`_build`).
-_BROKER = ("url", "visibilityTimeout", "taskSentEvents")
+_BROKER = ("url", "masterName", "sentinelPassword", "visibilityTimeout", "taskSentEvents")
 _TOP_LEVEL = ("broker", "vcenter", "vcenters", "archive", "cloudevents", "functions", "triggers",
               "pools", "vrops", "ingress", "apiVersion", "kind")
 
@@ -665,6 +706,8 @@ _TOP_LEVEL = ("broker", "vcenter", "vcenters", "archive", "cloudevents", "functi
 ENVIRONMENT: dict[str, tuple[str, str]] = {
     "VEBAQ_VISIBILITY_TIMEOUT": ("broker", "visibilityTimeout"),
     "VEBAQ_TASK_SENT_EVENTS": ("broker", "taskSentEvents"),
+    "VEBAQ_BROKER_MASTER_NAME": ("broker", "masterName"),
+    "VEBAQ_SENTINEL_PASSWORD": ("broker", "sentinelPassword"),
     "VCENTER_URL": ("vcenter", "url"),
     "VCENTER_USER": ("vcenter", "username"),
     "VCENTER_PASSWORD": ("vcenter", "password"),
@@ -889,6 +932,17 @@ def _build(raw: dict[str, Any], environ: Mapping[str, str]) -> Settings:
     broker_url = environ.get("VEBAQ_BROKER_URL") or broker.get("url") or DEFAULT_BROKER_URL
     check_broker_url(_string(broker_url, "broker.url"),
                      "VEBAQ_BROKER_URL" if environ.get("VEBAQ_BROKER_URL") else "broker.url")
+    if is_sentinel(broker_url):  # the same password and database on each alternative (kombu)
+        broker_url = normalise_sentinel_url(broker_url)
+    master_name = _string(broker.get("masterName", ""), "broker.masterName").strip()
+    sentinel_password = _secret_from(environ)(broker.get("sentinelPassword", ""),
+                                              "broker.sentinelPassword")
+    if is_sentinel(broker_url) and not master_name:
+        raise ConfigError("broker.masterName: required with a sentinel:// broker URL (the name "
+                          "of the master the Sentinels monitor; or VEBAQ_BROKER_MASTER_NAME)")
+    if not is_sentinel(broker_url) and (master_name or sentinel_password):
+        raise ConfigError(f"broker.{'masterName' if master_name else 'sentinelPassword'}: only "
+                          "for a sentinel:// broker URL")
 
     vcenters = _parse_vcenters(raw.get("vcenters"), vcenter_raw, checkpoint, environ)
     vrops = _apply(VropsSettings(), sections["vrops"], _VROPS, "vrops")
@@ -944,7 +998,8 @@ def _build(raw: dict[str, Any], environ: Mapping[str, str]) -> Settings:
     if "triggers" in raw:
         triggers = _parse_triggers(raw["triggers"])
 
-    return Settings(broker_url=broker_url, visibility_timeout=visibility_timeout,
+    return Settings(broker_url=broker_url, broker_master_name=master_name,
+                    sentinel_password=sentinel_password, visibility_timeout=visibility_timeout,
                     task_sent_events=task_sent_events, vcenters=vcenters, vrops=vrops,
                     archive=archive, cloudevent_type=cloudevent_type, triggers=triggers,
                     retry=retry, limits=limits, sinks=sinks, ingress=ingress,

@@ -153,3 +153,9 @@ DEAD_LETTER_COUNTS = f"{PREFIX}:dlq:counts"
 def dead_letter_replay_lock(letter_id: str) -> str:
     """Held while one dead letter is being replayed, so two replays of it send one task."""
     return f"{PREFIX}:dlq:replaying:{letter_id}"
+
+
+# --- replication (:mod:`vebaq.core.replication`)
+
+#: A key written just before ``WAIT``, so that the wait covers every earlier write of the master.
+REPLICATION_PROBE = f"{PREFIX}:replication:probe"

@@ -45,7 +45,9 @@ class Secret:
 
 def redact_url(url: str) -> str:
     """``redis://:pw@host:6379/0`` → ``redis://:***@host:6379/0``; URLs without a password are
-    returned unchanged."""
+    returned unchanged. A Sentinel URL's ``;``-separated alternatives are redacted each."""
+    if ";" in url and url.strip().lower().startswith("sentinel://"):
+        return ";".join(redact_url(part) for part in url.split(";"))
     try:
         parts = urlsplit(url)
     except ValueError:
