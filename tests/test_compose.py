@@ -45,6 +45,9 @@ SOURCE_DIRS = ("vebaq", "producer", "workers")
 #: The services the issue asks for, and which of them form the demo profile.
 SERVICES = {"redis", "producer", "ingress", "worker-echo", "worker-vrops", "flower"}
 DEMO_SERVICES = {"vcsim", "fake-vrops", "demo-driver"}
+#: The ``ha`` profile: Redis Sentinel, and the pipeline on its sentinel:// URL.
+HA_SERVICES = {"redis-primary", "redis-replica", "sentinel-1", "sentinel-2", "sentinel-3",
+               "producer-ha", "worker-echo-ha", "worker-vrops-ha"}
 WORKERS = ("worker-echo", "worker-vrops")
 
 _VARIABLE = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::?-(?P<default>[^}]*))?\}")
@@ -100,10 +103,45 @@ def test_services_and_profiles() -> None:
     assert set(data.get("volumes", {})) >= {"redis-data", "flower-data"}
 
 
+def test_ha_profile_is_redis_sentinel_without_passwords_in_argv() -> None:
+    defined = services()
+    for name in HA_SERVICES:
+        assert defined[name].get("profiles") == ["ha"], f"{name} belongs to the ha profile"
+    replica = " ".join(command(defined["redis-replica"]))
+    assert defined["redis-replica"]["environment"]["REPLICA_OF"] == "redis-primary"
+    assert "replicaof $REPLICA_OF 6379" in replica and "/tmp/redis.conf" in replica
+    for name in ("redis-primary", "redis-replica", "sentinel-1", "sentinel-2", "sentinel-3"):
+        cmd = " ".join(command(defined[name]))
+        # Passwords are printed into a config file by the shell's builtin printf, and the
+        # server is started with the file: none on a command line.
+        assert "--requirepass" not in cmd and "printf" in cmd, name
+        assert "umask 077" in cmd, name
+    for name in ("sentinel-1", "sentinel-2", "sentinel-3"):
+        cmd = " ".join(command(defined[name]))
+        assert "sentinel monitor vebaq redis-primary 6379 2" in cmd
+        assert "sentinel announce-hostnames yes" in cmd and "sentinel resolve-hostnames yes" in cmd
+        assert defined[name]["environment"]["ANNOUNCE"] == name
+    for name in ("producer-ha", "worker-echo-ha", "worker-vrops-ha"):
+        env = defined[name]["environment"]
+        url = interpolate(env["VEBAQ_BROKER_URL"])
+        assert url.startswith("sentinel://") and url.count("sentinel://") == 3, url
+        assert env["VEBAQ_BROKER_MASTER_NAME"] == "vebaq"
+        assert "SENTINEL_PASSWORD" in env["VEBAQ_SENTINEL_PASSWORD"]
+        assert set(defined[name]["depends_on"]) == {"sentinel-1", "sentinel-2", "sentinel-3"}
+        from vebaq.core import config
+        settings = config.load(environ={k: interpolate(str(v)) for k, v in env.items()
+                                        if k.startswith("VEBAQ_")})
+        assert settings.broker_master_name == "vebaq"
+    for name in ("worker-echo-ha", "worker-vrops-ha"):
+        assert "celery -A workers inspect ping" in defined[name]["healthcheck"]["test"][1], \
+            "the app's settings carry the master name (plain `celery` would not)"
+
+
 def test_one_image_for_every_python_service() -> None:
     ours = our_services()
     assert set(ours) == {"producer", "ingress", "worker-echo", "worker-vrops", "flower",
-                         "fake-vrops", "demo-driver"}
+                         "fake-vrops", "demo-driver", "producer-ha", "worker-echo-ha",
+                         "worker-vrops-ha"}
     assert len({s["image"] for s in ours.values()}) == 1
     for name, service in ours.items():
         assert service["build"] in (".", {"context": "."}), name
