@@ -2,11 +2,12 @@
 #   make run    the pipeline (`vebaq dev`: embedded broker if no Redis is configured)
 #   make test   lint + the whole test suite on real parts (Redis, vCenter simulator, fake vROps)
 #   make bench  (not part of the tests) the benchmarks: bench/RESULTS.md and bench/results.png
+#   make soak   (not part of the tests) the chaos soak: MINUTES=20 of events under kill -9s
 VENV   ?= .venv
 PYTHON ?= python3
 BIN     = $(VENV)/bin
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench soak clean
 
 install: $(VENV)/.installed
 
@@ -32,6 +33,13 @@ bench: install
 	./scripts/test-deps
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	$(BIN)/python -m bench --publish
+
+# The chaos soak (not part of the tests): MINUTES of events with kill -9s of workers and
+# producers, a Redis Sentinel failover, a vCenter restart and a vROps outage.
+MINUTES ?= 20
+soak: install
+	./scripts/test-deps
+	$(BIN)/python -m bench.soak --minutes $(MINUTES)
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

@@ -1,7 +1,8 @@
 """Test-only ``ha`` pool (``VEBAQ_FUNCTIONS=tests.ha_functions``) for the failover test and the
 chaos soak.
 
-Its function writes its *effect* outside Redis — one line ``<event id> <pid>`` appended to
+Its function writes its *effect* outside Redis — one line ``<event id> <pid> <label>`` (the
+label: ``soak-<n>`` from the event's message, or ``-``) appended to
 ``$VEBAQ_TEST_EFFECTS`` per run (``O_APPEND``: lines of concurrent processes never mix) — so that
 what a Redis failover loses cannot hide what the function did. Several lines for one id are
 duplicate effects: runs the done markers did not suppress.
@@ -19,6 +20,7 @@ By the text of the vCenter event's message:
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -30,6 +32,15 @@ from workers.pools import function
 
 #: Seconds each run takes.
 WORK = float(os.environ.get("VEBAQ_TEST_WORK", "0.01"))
+
+
+#: The chaos soak's label of an event, in its message.
+LABEL = re.compile(r"soak-[0-9]+")
+
+
+def label_of(text: str) -> str:
+    match = LABEL.search(text)
+    return match.group() if match else "-"
 
 
 def _append(path: str, line: str) -> None:
@@ -58,11 +69,14 @@ def record(event: CloudEvent) -> None:
             _append(failed, f"{event.get_id()} {os.getpid()}")
             raise RuntimeError("flaky: the first run fails on purpose")
     time.sleep(WORK)
-    _append(effects, f"{event.get_id()} {os.getpid()}")
+    _append(effects, f"{event.get_id()} {os.getpid()} {label_of(text)}")
 
 
-def runs(path: Path) -> Counter[str]:
-    """Event id → number of effect lines in ``path`` (none if it does not exist)."""
+def runs(path: Path, by_label: bool = False) -> Counter[str]:
+    """Event id (or label) → number of effect lines in ``path`` (none if it does not exist)."""
     if not path.exists():
         return Counter()
-    return Counter(line.split(" ", 1)[0] for line in path.read_text().splitlines() if line)
+    column = 2 if by_label else 0
+    return Counter(fields[column] for fields in (line.split(" ")
+                                                 for line in path.read_text().splitlines())
+                   if len(fields) > column)

@@ -12,12 +12,12 @@ being kept:
   redelivery — lost, the function runs twice;
 * the ingress' **202**: once answered, the client forgets the events.
 
-:func:`confirm` is called after each of them: when the master has replicas (``INFO
+:func:`confirm` is called after each of them. When the master has replicas (``INFO
 replication``'s ``connected_slaves``, looked up at most every :data:`REPLICAS_CHECK_INTERVAL`
-seconds per client) it writes a probe key and runs ``WAIT 1`` :data:`WAIT_TIMEOUT` in the same
-round trip. Redis replicates one ordered stream, so a replica that has the probe has every
-write the master took before it, on any connection (kombu's task messages included). Without
-replicas nothing is sent at all: a single Redis pays nothing.
+seconds per client, and again when a wait timed out) it writes a probe key and runs ``WAIT 1``
+:data:`WAIT_TIMEOUT` in the same round trip. Redis replicates one ordered stream, so a replica
+that has the probe has every write the master took before it, on any connection (kombu's task
+messages included). Without replicas nothing is sent at all: a single Redis pays nothing.
 
 Failure modes: the master dying during the wait is a ``redis.ConnectionError`` like any failed
 write (the caller keeps its batch and sends it again to the promoted replica: at least once, the
@@ -40,8 +40,10 @@ from vebaq.core import keys
 #: rather than stalls it.
 WAIT_TIMEOUT = 2000
 #: Seconds a client's count of connected replicas is trusted before ``INFO replication`` is
-#: asked again (a replica that just attached is waited for at most this much later).
-REPLICAS_CHECK_INTERVAL = 5.0
+#: asked again (a replica that just attached is waited for at most this much later). Shorter
+#: than a Sentinel failover takes (≥ 2 s: ``down-after-milliseconds`` plus the election), so the
+#: promoted replica — a master without replicas yet — is asked afresh, not waited on.
+REPLICAS_CHECK_INTERVAL = 1.0
 #: Seconds the probe key lives (it only needs to exist long enough to be replicated).
 PROBE_TTL = 60
 
@@ -84,7 +86,10 @@ def confirm(r: redis.Redis, timeout_ms: int = WAIT_TIMEOUT) -> int:
     acknowledged = int(pipe.execute()[1])
     if acknowledged == 0:
         with _lock:
-            _replicas.pop(id(r), None)  # the replica may have gone: look again next time
+            _replicas.pop(id(r), None)
+        if replicas(r) == 0:  # the replica went away meanwhile: nothing to wait for
+            return 0
+        with _lock:
             NOT_REPLICATED += 1
         raise NotReplicated(f"no Redis replica acknowledged the write within {timeout_ms} ms "
                             "(a failover now could lose it)")
