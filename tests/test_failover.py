@@ -11,7 +11,8 @@ counted outside Redis (:mod:`tests.ha_functions`), so what the failover loses ca
 
 from __future__ import annotations
 
-import os
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -23,7 +24,14 @@ from pyVmomi import vim
 
 from producer.cloudevent import event_id
 from tests import ha_functions
-from tests.support import SentinelCluster, VCenter, start_producer, start_worker, wait_until
+from tests.support import (
+    ROOT,
+    SentinelCluster,
+    VCenter,
+    start_producer,
+    start_worker,
+    wait_until,
+)
 from vebaq.core import deadletters
 
 pytestmark = pytest.mark.slow
@@ -166,12 +174,38 @@ def test_sentinel_passwords_are_not_in_argv(stack_env: dict[str, str], log_dir: 
     env = ha_env(stack_env, cluster, tmp_path)
     worker = start_worker("ha", env, log_dir, name="ha-argv")
     producer = start_producer(env, log_dir)
-    for proc in (worker, producer):
-        argv = Path(f"/proc/{proc.popen.pid}/cmdline").read_bytes().decode(errors="replace")
-        assert MASTER_PASSWORD not in argv and SENTINEL_PASSWORD not in argv
-        assert "sentinel://" not in argv  # the URL is passed by environment
-    assert f"master {SentinelCluster.MASTER!r}" in producer.log() or "reading vCenter" in \
-        producer.log()
-    for proc in (producer, worker):
+    procs = [worker, producer]
+    children = [int(pid) for pid in
+                Path(f"/proc/{worker.popen.pid}/task/{worker.popen.pid}/children")
+                .read_text().split()]
+    for pid in [p.popen.pid for p in procs] + children:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        assert MASTER_PASSWORD not in argv and SENTINEL_PASSWORD not in argv, argv
+    for proc in procs:
         proc.stop()
-    os.sync()
+        assert MASTER_PASSWORD not in proc.log() and SENTINEL_PASSWORD not in proc.log()
+
+
+def vebaq(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vebaq", *args], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_broker_commands_through_the_sentinels_and_a_refused_sentinel_password_is_one_line(
+        stack_env: dict[str, str], cluster: SentinelCluster, tmp_path: Path) -> None:
+    env = ha_env(stack_env, cluster, tmp_path)
+    with cluster.client() as r:
+        deadletters.add(r, task_name="GeneralUserEvent", pool="ha", function="record",
+                        event={"id": "e1"}, error=RuntimeError("boom"), attempt=1)
+    ok = vebaq(env, "dlq", "stats")
+    assert ok.returncode == 0, ok.stderr
+    assert "GeneralUserEvent" in ok.stdout
+    wrong = vebaq({**env, "VEBAQ_SENTINEL_PASSWORD": "not-the-sentinel-password"}, "dlq", "stats")
+    assert wrong.returncode == 4, wrong.stderr
+    lines = wrong.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vebaq: error: "), wrong.stderr
+    assert "not-the-sentinel-password" not in wrong.stderr and MASTER_PASSWORD not in wrong.stderr
+    assert "vebaq-master" in lines[0] and "refused the Sentinel password" in lines[0], lines[0]
+    assert len(lines[0]) < 400, "redis-py's reprs of every Sentinel client are left out"
+    no_master = vebaq({**env, "VEBAQ_BROKER_MASTER_NAME": ""}, "dlq", "stats")
+    assert no_master.returncode == 2 and "broker.masterName: required" in no_master.stderr

@@ -14,15 +14,37 @@ prints its configuration). vebaq's own clients get the same from :mod:`vebaq.cor
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 from celery import Celery
+from kombu.transport import TRANSPORT_ALIASES, _transport_cache
 
 from vebaq.core.config import Settings
 from vebaq.core.redisdb import CONNECT_TIMEOUT, SOCKET_TIMEOUT, is_sentinel
 
+#: URL scheme → the kombu transport class vebaq uses for it (``broker_transport``); a scheme
+#: not named here gets kombu's own. Placeholder until vebaq.core.transport provides its map.
+TRANSPORTS: dict[str, str] = {}
+
 #: Longest time between two sweeps for unacked tasks of dead workers, in seconds (kombu ≥ 5.7).
 RESTORE_INTERVAL = 10
+
+
+def pin_transports(transports: Mapping[str, str]) -> None:
+    """Make ``transports`` (URL scheme → kombu transport class path) what kombu uses for those
+    schemes everywhere in this process, not only where ``broker_transport`` names one.
+
+    kombu takes the transport class from ``broker_transport`` only for the first URL of a
+    ``;``-separated broker URL: when a connection fails and it switches to the next
+    alternative (``Connection.switch``, e.g. to the next Sentinel after a failover), it parses
+    that URL again and its scheme's default transport replaces ours — after the first failover
+    the workers would consume through kombu's own channel. Registering our classes under the
+    scheme aliases (and dropping kombu's cached resolution of them) closes that."""
+    for scheme, target in transports.items():
+        TRANSPORT_ALIASES[scheme] = target
+        _transport_cache.pop(scheme, None)
 
 
 def sentinel_transport_options(settings: Settings) -> dict[str, Any]:
@@ -38,8 +60,11 @@ def sentinel_transport_options(settings: Settings) -> dict[str, Any]:
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     """The Celery settings for ``settings``' broker (see the module docstring)."""
+    pin_transports(TRANSPORTS)
+    scheme = urlsplit(settings.broker_url).scheme
     return {
         "broker_url": settings.broker_url,
+        **({"broker_transport": TRANSPORTS[scheme]} if scheme in TRANSPORTS else {}),
         # Delivery: ack after the work is done; a dead worker's task goes back to the queue.
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,

@@ -200,10 +200,30 @@ def out_of_memory(error: BaseException) -> bool:
     return False
 
 
+#: redis-py's MasterNotFoundError lists each Sentinel's client repr and its error class.
+_SENTINEL_ERROR = re.compile(r" - (?:\w+:)?(\w+(?:Error|Exception))")
+
+
+def explain_master_not_found(error: BaseException) -> str:
+    """``No master found for 'vebaq'`` and why, in a few words: redis-py's message holds the
+    repr of every Sentinel client tried (hundreds of characters each)."""
+    text = str(error)
+    head = text.split(" : ", 1)[0].strip()
+    reasons = sorted(set(_SENTINEL_ERROR.findall(text)))
+    if "AuthenticationError" in reasons:
+        return (f"{head}: the Sentinels refused the Sentinel password "
+                "(broker.sentinelPassword or VEBAQ_SENTINEL_PASSWORD)")
+    if reasons:
+        return f"{head}: the Sentinels failed ({', '.join(reasons)})"
+    return f"{head}: no Sentinel knows it (a wrong broker.masterName?) or none has a master yet"
+
+
 def explain_redis_error(error: BaseException, r: redis.Redis | None = None) -> str:
     """One line for a failed Redis call: ``Type: message``, or for a Redis out of memory
     ``Redis is out of memory (maxmemory 100.00M, noeviction): OOM command not allowed …`` —
     the limit and policy read from ``r`` when it still answers ``INFO``."""
+    if isinstance(error, redis.sentinel.MasterNotFoundError):
+        return f"{type(error).__name__}: {explain_master_not_found(error)}"
     if not out_of_memory(error):
         return f"{type(error).__name__}: {error}"
     detail = "maxmemory reached"
@@ -239,6 +259,9 @@ def check(url: str, secrets: Sequence[str] = ()) -> None:
         raise BrokerError(f"Redis at {where} refused the connection: {detail}") from None
     except redis.ResponseError as exc:  # e.g. an old Redis refusing AUTH without a password
         raise BrokerError(f"Redis at {where}: {scrub(str(exc), tuple(secrets))}") from None
+    except redis.sentinel.MasterNotFoundError as exc:
+        raise BrokerError(f"cannot reach Redis at {where}: "
+                          f"{scrub(explain_master_not_found(exc), tuple(secrets))}") from None
     except redis.RedisError as exc:
         raise BrokerError(f"cannot reach Redis at {where}: "
                           f"{scrub(str(exc), tuple(secrets))}") from None
