@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 from pyVmomi import vim
 
 from producer.cloudevent import event_id
@@ -130,7 +131,15 @@ def test_master_kill_9_sentinel_promotes_the_replica_nothing_lost(
                              0.05)
     takeover = time.monotonic() - killed
     cluster.restart(old)  # the old master comes back; the Sentinels make it a replica
-    time.sleep(4)
+
+    def waits_on_new_master() -> int:
+        with redis.Redis.from_url(cluster.redis_url(new)) as master:
+            return master.info("commandstats").get("cmdstat_wait", {}).get("calls", 0)
+
+    # No replica right after the failover: nothing waited for; once the old master is its
+    # replica, the checkpoints and done markers wait for it again.
+    wait_until(waits_on_new_master, 30, "WAITs on the new master once it has a replica", 0.2)
+    time.sleep(2)
     poster.stop()
     posted = {i: kind for i, kind, _ in poster.posted}
 
@@ -209,3 +218,33 @@ def test_broker_commands_through_the_sentinels_and_a_refused_sentinel_password_i
     assert len(lines[0]) < 400, "redis-py's reprs of every Sentinel client are left out"
     no_master = vebaq({**env, "VEBAQ_BROKER_MASTER_NAME": ""}, "dlq", "stats")
     assert no_master.returncode == 2 and "broker.masterName: required" in no_master.stderr
+
+
+def test_ingress_202_means_a_replica_has_the_events(cluster: SentinelCluster) -> None:
+    """Posted events answered 202 are on the promoted replica after the master is killed the
+    moment the last answer came (replication.confirm before the 202)."""
+    from producer.ingress import Ingress, serve
+    from tests.test_ingress import TOKEN, event, post, queued
+    from vebaq.core import config
+
+    settings = config.load(environ={"VEBAQ_BROKER_URL": cluster.url(), **cluster.env(),
+                                    "VEBAQ_INGRESS_TOKEN": TOKEN})
+    server = serve(Ingress(settings), "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.server_address[1]}/"
+    try:
+        ids = [f"ha-{i}" for i in range(40)]
+        for event_id in ids:
+            answer = post(url, event(event_id))
+            assert answer.status_code == 202, answer.text
+        with redis.Redis.from_url(cluster.redis_url(cluster.master())) as master:
+            waits = master.info("commandstats").get("cmdstat_wait", {}).get("calls", 0)
+        assert waits >= len(ids), "each 202 waited for the replica (WAIT)"
+        old = cluster.kill_master()  # at once: no time for a lagging replica to catch up
+        cluster.wait_for_failover(old)
+        with cluster.client() as r:
+            on_new_master = {kwargs["id"] for _, _, kwargs in queued(r)}
+        assert set(ids) <= on_new_master, sorted(set(ids) - on_new_master)[:5]
+        print(f"\n[ingress + failover] {len(ids)} events answered 202, all {len(ids)} on the "
+              "promoted replica")
+    finally:
+        server.stop()
