@@ -9,11 +9,14 @@ same config and adds the worker's own settings.
 
 from __future__ import annotations
 
+import ssl
 from typing import Any
+from urllib.parse import urlsplit
 
 from celery import Celery
 
 from vebaq.core.config import Settings
+from vebaq.core.transport import TRANSPORTS
 
 #: Longest time between two sweeps for unacked tasks of dead workers, in seconds (kombu ≥ 5.7).
 RESTORE_INTERVAL = 10
@@ -21,8 +24,16 @@ RESTORE_INTERVAL = 10
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     """The Celery settings for ``settings``' broker (see the module docstring)."""
+    scheme = urlsplit(settings.broker_url).scheme
+    transport = {"broker_transport": TRANSPORTS[scheme]} if scheme in TRANSPORTS else {}
+    if scheme == "rediss":
+        transport["broker_use_ssl"] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
     return {
         "broker_url": settings.broker_url,
+        # Fetch and record as unacked in one step (vebaq.core.transport); naming the class drops
+        # kombu's rediss:// default of unverified TLS, so TLS is verified as vebaq's own
+        # Redis clients verify it.
+        **transport,
         # Delivery: ack after the work is done; a dead worker's task goes back to the queue.
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
@@ -35,6 +46,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "unacked_restore_interval": max(1, min(RESTORE_INTERVAL,
                                                    int(settings.visibility_timeout / 2))),
             "unacked_restore_throttle": 1,
+            # vebaq sends no priorities: one list per queue, so an idle worker waits on one key.
+            "priority_steps": [0],
         },
         "broker_connection_retry_on_startup": True,
         # Never pickle: messages are JSON, so a forged message cannot run code.
