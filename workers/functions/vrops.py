@@ -7,10 +7,10 @@
 Retries and parallel workers reorder events, so vROps must end in the state of the *latest*
 vCenter event per host, not of the last one processed. Per ``(vCenter, host)`` the worker keeps
 the order — ``(key epoch, key, time)`` — of the latest event applied
-(:func:`vebaq.core.keys.vrops_applied`),
-and under a short per-host Redis lock (:func:`vebaq.core.keys.vrops_lock`) does: skip the event if
-it is not newer than the applied one ("stale" or "already applied"), call vROps, record it (a Lua
-compare-and-set, which only moves forward). An event therefore causes at most one
+(:func:`vebaq.core.keys.vrops_applied`), and under a short per-host Redis lock
+(:func:`vebaq.core.keys.vrops_lock`) does: skip the event if it is not newer than the applied one
+("stale" or "already applied"), call vROps, record it (a Lua compare-and-set, which only moves
+forward). An event therefore causes at most one
 ``PUT``/``DELETE`` once it succeeded, and an older event never overrides a newer one.
 
 The key epoch (the ``vcenterkeyepoch`` extension, absent: 0) is bumped by the producer when a
@@ -53,9 +53,9 @@ logger = logging.getLogger("vebaq.vrops")
 MAINTAINED_AFTER = {"EnteredMaintenanceModeEvent": True, "ExitMaintenanceModeEvent": False}
 
 # Per host, :func:`vebaq.core.keys.vrops_applied` is a hash with the latest event applied:
-# ``key_epoch`` (absent in records of before epochs: 0), ``key`` (the vCenter event key), ``time``
-# (µs since 1970), ``id``, ``subject``,
-# ``maintained`` (``1``/``0``) and the vROps ``resource`` id; :func:`vebaq.core.keys.vrops_lock`
+# ``key_epoch`` (absent from records written before key epochs: 0), ``key`` (the vCenter event
+# key), ``time`` (µs since 1970), ``id``, ``subject``, ``maintained`` (``1``/``0``) and the vROps
+# ``resource`` id; :func:`vebaq.core.keys.vrops_lock`
 # serialises "check stale → call vROps → record applied".
 
 #: Seconds an applied record is kept: far longer than any retry or redelivery of an older event.
