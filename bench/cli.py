@@ -33,7 +33,7 @@ BENCH_DIR = ROOT / "bench"
 
 #: The sections, in the order they run.
 SECTIONS = ("raw", "drain", "backlog", "throughput", "latency", "vrops", "archive", "http",
-            "scrub", "routing")
+            "scrub", "routing", "fetch")
 
 #: Sections that need govmomi's vCenter simulator.
 NEED_SIMULATOR = frozenset({"drain", "latency"})
@@ -79,6 +79,9 @@ def _section_runner(name: str, profile: Profile, redis_url: str, sim: VcSim | No
     if name == "routing":
         from bench import routing
         return lambda: routing.measure(profile, redis_url)
+    if name == "fetch":
+        from bench import fetch
+        return lambda: fetch.measure(profile, redis_url)
     if name == "scrub":
         from bench import scrub
         return lambda: scrub.measure(profile)

@@ -198,6 +198,12 @@ def rows(results: dict[str, Any]) -> list[Row]:
         out.append(Row("scrub", f"scrub 1 MiB, {name} (ms)", _num(_median(case["scrub_ms"]), 1),
                        f"str.replace floor {_num(_median(case['floor_ms']), 1)}",
                        _ratio(_median(case["ratio_scrub_to_floor"]))))
+    fetch = sections.get("fetch") or {}
+    if "per_s" in fetch:
+        out.append(Row("fetch", f"take + ack {fetch['messages']:,} messages, atomic fetch "
+                       "(messages/s)", _num(_median(fetch["per_s"]["vebaq"])),
+                       f"kombu BRPOP + record {_num(_median(fetch['per_s']['kombu']))}",
+                       _ratio(_median(fetch["ratio_vebaq_to_kombu"]))))
     routing = sections.get("routing") or {}
     if "us_per_event" in routing:
         per = routing["us_per_event"]

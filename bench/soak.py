@@ -34,9 +34,7 @@ by then) and one summary is printed:
     during the outage (replayed at the end);
 ``vROps hosts not in their last state``
     hosts whose state in the fake vROps differs from the last maintenance change posted for
-    them. Known cause: the vrops function orders a host's events by vCenter event key, and a
-    vCenter that numbers its events anew (the simulator after its restart) sends lower keys, so
-    its later events are skipped as stale (counted: ``vrops_stale_skips``).
+    them (events skipped as stale are counted too: ``vrops_stale_skips``).
 
 The simulator keeps no event history across its restart (a real vCenter does): before
 restarting it the soak stops posting until the producer has enqueued what was posted, so that

@@ -3,6 +3,13 @@
 The data keeps the shape VEBA's functions read: PascalCase field names, managed object
 references as ``{"Type": "HostSystem", "Value": "host-19"}``, times in RFC 3339 UTC, and every
 field of the event's own class.
+
+A vCenter that numbers its events anew (restored from a backup, reinstalled) gets a new *key
+epoch* from the producer (:mod:`producer.checkpoint`); its events carry it in the
+``vcenterkeyepoch`` extension (:data:`vebaq.core.envelope.KEY_EPOCH_ATTRIBUTE`), so that a
+consumer ordering events by key (the vrops pool) orders them by ``(key epoch, key)``. Epoch 0
+(every vCenter never renumbered) leaves the attribute out, so those events are exactly as
+before, ids included; a consumer reads a missing attribute as epoch 0.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from typing import Any
 from cloudevents.core.v1.event import CloudEvent
 from pyVmomi import VmomiSupport, vim, vmodl
 
+from vebaq.core.envelope import KEY_EPOCH_ATTRIBUTE
 from vebaq.core.subjects import class_subject
 
 #: Namespace for the deterministic CloudEvent id: uuid5(NS, "<vCenter instance UUID>/<event key>").
@@ -302,7 +310,8 @@ def to_cloudevent(event: vim.event.Event, *, source: str, instance_uuid: str,
     :param api_version: ``about.apiVersion``, kept as the ``vsphereapiversion`` extension.
     :param type_style: ``router`` (``com.vmware.event.router/event`` …) or ``vsphere``
         (``com.vmware.vsphere.<subject>.v0``).
-    :param key_epoch: see :func:`event_id`.
+    :param key_epoch: see :func:`event_id`; above 0 it is also the ``vcenterkeyepoch``
+        extension (:data:`vebaq.core.envelope.KEY_EPOCH_ATTRIBUTE`).
     """
     key = getattr(event, "key", None)
     if not isinstance(key, int):
@@ -321,6 +330,9 @@ def to_cloudevent(event: vim.event.Event, *, source: str, instance_uuid: str,
         # Lets a function tell apart same-named hosts of two vCenters (morefs are per vCenter).
         "vcenteruuid": instance_uuid,
     }
+    if key_epoch:
+        # Keys restart at a new epoch: consumers order by (epoch, key), see the module doc.
+        attributes[KEY_EPOCH_ATTRIBUTE] = key_epoch
     created = getattr(event, "createdTime", None)
     if isinstance(created, datetime):
         attributes["time"] = created if created.tzinfo else created.replace(tzinfo=UTC)

@@ -9,7 +9,7 @@ import pytest
 from pyVmomi import VmomiSupport, vim
 
 from producer.cloudevent import ROUTER_TYPES, MalformedEvent, event_id, pascal, to_cloudevent
-from vebaq.core.envelope import from_structured, to_structured
+from vebaq.core.envelope import KEY_EPOCH_ATTRIBUTE, from_structured, to_structured
 from vebaq.core.subjects import event_classes
 
 CREATED = datetime(2021, 5, 6, 16, 20, 5, 137999, tzinfo=UTC)
@@ -169,3 +169,19 @@ def test_malformed_structured_events_raise_value_error(payload: str | bytes) -> 
 def test_a_new_key_epoch_gives_new_ids() -> None:
     assert event_id(VC_UUID, 7, key_epoch=0) == event_id(VC_UUID, 7)
     assert event_id(VC_UUID, 7, key_epoch=1) != event_id(VC_UUID, 7)
+
+
+def test_the_key_epoch_is_an_extension_from_epoch_1_on() -> None:
+    """Epoch 0 events are as they always were; later epochs say theirs, through the structured
+    form, so that a consumer can order ``(epoch, key)``."""
+    event = vim.event.ExitMaintenanceModeEvent(
+        key=3, chainId=3, createdTime=CREATED,
+        host=vim.event.HostEventArgument(name="esx01", host=vim.HostSystem("host-19")))
+    first = to_structured(to_cloudevent(event, source=SOURCE, instance_uuid=VC_UUID,
+                                        api_version="8.0"), json_data=True)
+    assert KEY_EPOCH_ATTRIBUTE not in first and first["id"] == event_id(VC_UUID, 3)
+    later = to_structured(to_cloudevent(event, source=SOURCE, instance_uuid=VC_UUID,
+                                        api_version="8.0", key_epoch=2), json_data=True)
+    assert later[KEY_EPOCH_ATTRIBUTE] == 2 and later["id"] == event_id(VC_UUID, 3, key_epoch=2)
+    assert from_structured(json.dumps(later)).get_extension(KEY_EPOCH_ATTRIBUTE) == 2
+    assert to_structured(from_structured(later))[KEY_EPOCH_ATTRIBUTE] == 2

@@ -148,6 +148,11 @@ def test_master_kill_9_sentinel_promotes_the_replica_nothing_lost(
         return all(done[i] if kind != "doomed" else letters[i] for i, kind in posted.items())
 
     wait_until(settled, 120, f"all {len(posted)} posted events handled or dead-lettered", 0.5)
+    with redis.Redis.from_url(cluster.redis_url(new)) as master:
+        stats = master.info("commandstats")
+    # vebaq's atomic fetch (vebaq.core.transport) waits with BLMOVE, kombu's own with BRPOP: the
+    # workers kept vebaq's transport when kombu switched to another Sentinel's URL.
+    assert stats.get("cmdstat_blmove", {}).get("calls", 0) > 0, sorted(stats)
     time.sleep(2)  # late duplicates, if any, would show now
     done, letters = ha_functions.runs(effects), dead_lettered(cluster)
     logs = [producer.log(), *(w.log() for w in workers)]

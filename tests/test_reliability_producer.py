@@ -4,6 +4,7 @@ lost (must be 0)."""
 
 from __future__ import annotations
 
+import base64
 import json
 import signal
 import time
@@ -24,6 +25,7 @@ from tests.support import (
     vebaq_argv,
     wait_until,
 )
+from vebaq.core.envelope import KEY_EPOCH_ATTRIBUTE
 
 pytestmark = pytest.mark.slow
 
@@ -35,6 +37,15 @@ def queued_event_ids(r: redis.Redis, queue: str = "echo") -> list[str]:
         headers = json.loads(raw)["headers"]
         ids.append(headers["id"].rsplit(":", 1)[0])
     return ids
+
+
+def queued_key_epochs(r: redis.Redis, queue: str = "echo") -> dict[str, int | None]:
+    """CloudEvent id → its ``vcenterkeyepoch`` attribute (``None``: absent) of queued tasks."""
+    epochs = {}
+    for raw in r.lrange(queue, 0, -1):
+        _args, kwargs, _embed = json.loads(base64.b64decode(json.loads(raw)["body"]))
+        epochs[kwargs["event"]["id"]] = kwargs["event"].get(KEY_EPOCH_ATTRIBUTE)
+    return epochs
 
 
 def checkpoint_key(r: redis.Redis) -> int | None:
@@ -144,6 +155,10 @@ def test_vcenter_restart_the_producer_logs_in_again_and_continues(
         vc.close()
         assert "forgetting keys" in producer.log()
         assert not set(before) & set(after)
+        # Consumers that order by key (the vrops pool) see the new epoch; the old events are
+        # as they always were (no attribute).
+        epochs = queued_key_epochs(redis_client)
+        assert {epochs[i] for i in before} == {None} and {epochs[i] for i in after} == {1}
         assert report("vCenter restart", before + after, queued_event_ids(redis_client)) == 0
     finally:
         producer.stop()

@@ -6,6 +6,7 @@ by 4 threads with 20% injected 5xx and retries; vROps ends in every host's lates
 
 from __future__ import annotations
 
+import json
 import queue
 import random
 import threading
@@ -16,8 +17,11 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import redis
 from cloudevents.core.v1.event import CloudEvent
+from pyVmomi import vim
 
 import workers.settings
+from producer.cloudevent import to_cloudevent
+from vebaq.core.envelope import from_structured, to_structured
 from vebaq.devtools.fake_vrops import MAINTAINED, STARTED, FakeVrops
 from workers.errors import PermanentError
 from workers.functions import vrops
@@ -103,6 +107,7 @@ def test_enter_then_exit(fake, r):
     assert fake.host_state("host-19", VC_B) == STARTED  # same name and moref, other vCenter
     assert run(leave("esx01", "host-19", VC_A, 101, T0 + timedelta(minutes=5))) == vrops.APPLIED
     assert fake.host_state("host-19", VC_A) == STARTED
+    assert [c.method for c in fake.history] == ["PUT", "DELETE"]
     record = vrops.applied(r, VC_A, "host-19")
     assert (record["key"], record["maintained"], record["subject"]) == \
         ("101", "0", "ExitMaintenanceModeEvent")
@@ -170,6 +175,68 @@ def test_missing_vrops_url_says_what_to_set(r, monkeypatch):
             run(enter("esx01", "host-19", VC_A, 1, T0))
     finally:
         workers.settings.settings.cache_clear()
+
+
+def vcenter_event(cls: type, key: int, at: datetime, key_epoch: int = 0) -> CloudEvent:
+    """A maintenance event of esx01 (host-19) of VC_A the producer's way: pyvmomi event →
+    ``to_cloudevent`` → structured JSON (what the task carries) → parsed as the worker does."""
+    ev = cls(key=key, chainId=key, createdTime=at, userName="vsphere",
+             host=vim.event.HostEventArgument(name="esx01", host=vim.HostSystem("host-19")))
+    ce = to_cloudevent(ev, source="https://vcenter.lab/sdk", instance_uuid=VC_A,
+                       api_version="8.0.3", key_epoch=key_epoch)
+    return from_structured(json.dumps(to_structured(ce, json_data=True)))
+
+
+def test_a_renumbered_vcenter_s_lower_keys_win_and_the_old_epoch_is_stale(fake, r, caplog):
+    """vCenter restored from a backup numbers its events anew (the producer starts key epoch 1):
+    its Exit at key 3 must override the Enter at key 500 of epoch 0, even with vCenter's clock
+    put back by the restore; a late retry of epoch 0 (key 600) is then stale."""
+    caplog.set_level("INFO", logger="vebaq.vrops")
+    Enter, Exit = vim.event.EnteredMaintenanceModeEvent, vim.event.ExitMaintenanceModeEvent
+    assert run(vcenter_event(Enter, 500, T0)) == vrops.APPLIED
+    assert fake.host_state("host-19", VC_A) == MAINTAINED
+    assert [c.method for c in fake.history] == ["PUT"]
+    restored = vcenter_event(Exit, 3, T0 - timedelta(hours=1), key_epoch=1)
+    assert restored.get_extension("vcenterkeyepoch") == 1
+    assert run(restored) == vrops.APPLIED
+    assert fake.host_state("host-19", VC_A) == STARTED
+    assert [c.method for c in fake.history] == ["PUT", "DELETE"]
+    record = vrops.applied(r, VC_A, "host-19")
+    assert (record["key_epoch"], record["key"], record["maintained"]) == ("1", "3", "0")
+
+    fake.reset_calls()
+    assert run(vcenter_event(Enter, 600, T0 + timedelta(minutes=1))) == vrops.STALE
+    assert fake.host_state("host-19", VC_A) == STARTED
+    assert fake.total_calls() == 0
+    assert "stale, skipped" in caplog.text
+    assert run(restored) == vrops.DUPLICATE
+    assert run(vcenter_event(Enter, 4, T0 - timedelta(minutes=59), key_epoch=1)) == vrops.APPLIED
+    assert fake.host_state("host-19", VC_A) == MAINTAINED
+    assert [c.method for c in fake.history] == ["PUT"]  # since the reset: epoch 1's Enter
+
+
+def test_a_record_from_before_key_epochs_reads_as_epoch_0(fake, r):
+    """Records an older vebaq wrote have no key_epoch: they are epoch 0, so an epoch-0 event
+    compares by key and any epoch-1 event is newer (the Lua compare-and-set agrees)."""
+    assert run(enter("esx02", "host-20", VC_A, 500, T0)) == vrops.APPLIED
+    key = f"vebaq:vrops:applied:{VC_A}:host-20"
+    r.hdel(key, "key_epoch")  # as the previous version recorded it
+    assert run(leave("esx02", "host-20", VC_A, 499, T0)) == vrops.STALE
+    assert fake.host_state("host-20", VC_A) == MAINTAINED
+    newer = leave("esx02", "host-20", VC_A, 2, T0, vcenterkeyepoch="1")  # binary-mode HTTP text
+    host = vrops.host_event(newer)
+    assert host.key_epoch == 1 and host.order > (0, 500, 0)
+    assert vrops._record(r, host, "res-1") == (True, None)
+    assert vrops._record(r, vrops.host_event(enter("esx02", "host-20", VC_A, 501, T0)),
+                         "res-1") == (False, False)
+    assert vrops.applied(r, VC_A, "host-20")["key_epoch"] == "1"
+
+
+@pytest.mark.parametrize("bad", [-1, "x", True, "1.5"])
+def test_a_bad_key_epoch_is_permanent(fake, bad):
+    with pytest.raises(PermanentError, match="vcenterkeyepoch"):
+        run(enter("esx01", "host-19", VC_A, 1, T0, vcenterkeyepoch=bad))
+    assert fake.total_calls() == 0
 
 
 def test_two_workers_racing_on_one_host_end_in_the_latest_state(fake):

@@ -14,6 +14,7 @@ prints its configuration). vebaq's own clients get the same from :mod:`vebaq.cor
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
@@ -23,10 +24,7 @@ from kombu.transport import TRANSPORT_ALIASES, _transport_cache
 
 from vebaq.core.config import Settings
 from vebaq.core.redisdb import CONNECT_TIMEOUT, SOCKET_TIMEOUT, is_sentinel
-
-#: URL scheme → the kombu transport class vebaq uses for it (``broker_transport``); a scheme
-#: not named here gets kombu's own. Placeholder until vebaq.core.transport provides its map.
-TRANSPORTS: dict[str, str] = {}
+from vebaq.core.transport import TRANSPORTS
 
 #: Longest time between two sweeps for unacked tasks of dead workers, in seconds (kombu ≥ 5.7).
 RESTORE_INTERVAL = 10
@@ -60,11 +58,18 @@ def sentinel_transport_options(settings: Settings) -> dict[str, Any]:
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     """The Celery settings for ``settings``' broker (see the module docstring)."""
+    # sentinel:// URLs get vebaq.core.transport's SentinelTransport, also after a failover.
     pin_transports(TRANSPORTS)
     scheme = urlsplit(settings.broker_url).scheme
+    transport = {"broker_transport": TRANSPORTS[scheme]} if scheme in TRANSPORTS else {}
+    if scheme == "rediss":
+        transport["broker_use_ssl"] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
     return {
         "broker_url": settings.broker_url,
-        **({"broker_transport": TRANSPORTS[scheme]} if scheme in TRANSPORTS else {}),
+        # Fetch and record as unacked in one step (vebaq.core.transport); naming the class drops
+        # kombu's rediss:// default of unverified TLS, so TLS is verified as vebaq's own
+        # Redis clients verify it.
+        **transport,
         # Delivery: ack after the work is done; a dead worker's task goes back to the queue.
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
@@ -77,6 +82,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "unacked_restore_interval": max(1, min(RESTORE_INTERVAL,
                                                    int(settings.visibility_timeout / 2))),
             "unacked_restore_throttle": 1,
+            # vebaq sends no priorities: one list per queue, so an idle worker waits on one key.
+            "priority_steps": [0],
             **sentinel_transport_options(settings),
         },
         "broker_connection_retry_on_startup": True,

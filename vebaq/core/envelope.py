@@ -16,6 +16,11 @@ from cloudevents.core.exceptions import BaseCloudEventException
 from cloudevents.core.formats.json import JSONFormat
 from cloudevents.core.v1.event import CloudEvent
 
+#: Extension attribute of the producer's events: the vCenter's key epoch, an integer ≥ 1, bumped
+#: when the vCenter numbers its events anew (restored from a backup); absent for epoch 0. Whoever
+#: orders events by vCenter key orders them by ``(key epoch, key)`` (see ``producer.cloudevent``).
+KEY_EPOCH_ATTRIBUTE = "vcenterkeyepoch"
+
 #: What a structured event must carry; the SDK would invent a missing ``id``.
 REQUIRED_ATTRIBUTES = ("specversion", "id", "source", "type")
 

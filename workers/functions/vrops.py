@@ -6,11 +6,22 @@
 
 Retries and parallel workers reorder events, so vROps must end in the state of the *latest*
 vCenter event per host, not of the last one processed. Per ``(vCenter, host)`` the worker keeps
-the order — ``(key, time)`` — of the latest event applied (:func:`vebaq.core.keys.vrops_applied`),
-and under a short per-host Redis lock (:func:`vebaq.core.keys.vrops_lock`) does: skip the event if
-it is not newer than the applied one ("stale" or "already applied"), call vROps, record it (a Lua
-compare-and-set, which only moves forward). An event therefore causes at most one
+the order — ``(key epoch, key, time)`` — of the latest event applied
+(:func:`vebaq.core.keys.vrops_applied`), and under a short per-host Redis lock
+(:func:`vebaq.core.keys.vrops_lock`) does: skip the event if it is not newer than the applied one
+("stale" or "already applied"), call vROps, record it (a Lua compare-and-set, which only moves
+forward). An event therefore causes at most one
 ``PUT``/``DELETE`` once it succeeded, and an older event never overrides a newer one.
+
+The key epoch (the ``vcenterkeyepoch`` extension, absent: 0) is bumped by the producer when a
+vCenter starts numbering its events anew (restored from a backup, reinstalled): the new events
+have *lower* keys than those applied before, and compared by key alone they would all be skipped
+as stale, leaving vROps in the state of before the restore. Compared epoch first, any event of a
+newer epoch wins and a late event of an older epoch is stale. Records written before epochs
+existed have no ``key_epoch`` field and read as epoch 0, as do events without the attribute
+(queued before the upgrade, or from a vCenter never renumbered). Creation time is only the last
+tie-breaker: vCenter's clock may step back (a restore does that too), the key never within an
+epoch.
 """
 
 from __future__ import annotations
@@ -29,6 +40,7 @@ from redis.exceptions import LockError
 
 from vebaq.core import keys, redisdb
 from vebaq.core.config import VropsSettings
+from vebaq.core.envelope import KEY_EPOCH_ATTRIBUTE
 from vebaq.core.errors import PermanentError
 from vebaq.core.redisdb import Script
 from workers.pools import function
@@ -41,8 +53,9 @@ logger = logging.getLogger("vebaq.vrops")
 MAINTAINED_AFTER = {"EnteredMaintenanceModeEvent": True, "ExitMaintenanceModeEvent": False}
 
 # Per host, :func:`vebaq.core.keys.vrops_applied` is a hash with the latest event applied:
-# ``time`` (µs since the epoch), ``key`` (the vCenter event key), ``id``, ``subject``,
-# ``maintained`` (``1``/``0``) and the vROps ``resource`` id; :func:`vebaq.core.keys.vrops_lock`
+# ``key_epoch`` (absent from records written before key epochs: 0), ``key`` (the vCenter event
+# key), ``time`` (µs since 1970), ``id``, ``subject``, ``maintained`` (``1``/``0``) and the vROps
+# ``resource`` id; :func:`vebaq.core.keys.vrops_lock`
 # serialises "check stale → call vROps → record applied".
 
 #: Seconds an applied record is kept: far longer than any retry or redelivery of an older event.
@@ -56,20 +69,23 @@ CALLS_UNDER_LOCK = 6
 LOCK_SLACK = 5.0
 
 #: Compare-and-set of the applied record; returns ``{1}`` if recorded, else ``{0, maintained}``
-#: of the record that is as new or newer.
+#: of the record that is as new or newer. Order: ``(key_epoch, key, time)``, a record without
+#: ``key_epoch`` being epoch 0.
 _RECORD = Script("""
 local t = tonumber(ARGV[1])
 local k = tonumber(ARGV[2])
-local current = redis.call('HMGET', KEYS[1], 'time', 'key', 'maintained')
+local e = tonumber(ARGV[8])
+local current = redis.call('HMGET', KEYS[1], 'time', 'key', 'maintained', 'key_epoch')
 if current[1] then
   local ct = tonumber(current[1])
   local ck = tonumber(current[2])
-  if k < ck or (k == ck and t <= ct) then
+  local ce = tonumber(current[4]) or 0
+  if e < ce or (e == ce and (k < ck or (k == ck and t <= ct))) then
     return {0, current[3]}
   end
 end
 redis.call('HSET', KEYS[1], 'time', ARGV[1], 'key', ARGV[2], 'id', ARGV[3],
-           'maintained', ARGV[4], 'subject', ARGV[5], 'resource', ARGV[6])
+           'maintained', ARGV[4], 'subject', ARGV[5], 'resource', ARGV[6], 'key_epoch', ARGV[8])
 redis.call('EXPIRE', KEYS[1], ARGV[7])
 return {1}
 """)
@@ -91,7 +107,10 @@ class HostEvent:
     """What the pool needs from a maintenance-mode CloudEvent.
 
     :param time_us: the event's creation time (CloudEvent ``time``) in µs since the epoch.
-    :param key: the vCenter event key (``data["Key"]``): the order of events of one vCenter.
+    :param key: the vCenter event key (``data["Key"]``): the order of events of one vCenter
+        within one key epoch.
+    :param key_epoch: the ``vcenterkeyepoch`` extension (0 if absent): bumped when the vCenter
+        numbers its events anew, so it orders before the key.
     """
 
     subject: str
@@ -102,15 +121,18 @@ class HostEvent:
     maintained: bool
     time_us: int
     key: int
+    key_epoch: int = 0
 
     @property
-    def order(self) -> tuple[int, int]:
+    def order(self) -> tuple[int, int, int]:
         # vCenter allocates event keys in creation order, per vCenter (the record is per
-        # vCenter and host), so the key orders events even if vCenter's clock steps back.
-        return self.key, self.time_us
+        # vCenter and host), so the key orders events even if vCenter's clock steps back; a
+        # vCenter numbering anew starts a new epoch, whose events all come after.
+        return self.key_epoch, self.key, self.time_us
 
     def describe(self) -> str:
-        return f"{self.subject} {self.key} for {self.host_name} ({self.moref})"
+        epoch = f" (key epoch {self.key_epoch})" if self.key_epoch else ""
+        return f"{self.subject} {self.key}{epoch} for {self.host_name} ({self.moref})"
 
 
 def host_event(event: CloudEvent) -> HostEvent:
@@ -146,7 +168,21 @@ def host_event(event: CloudEvent) -> HostEvent:
         raise PermanentError(f"vrops: {subject} {event.get_id()} has no time attribute")
     time_us = (created - _EPOCH) // timedelta(microseconds=1)
     return HostEvent(subject, event.get_id(), name, moref, vc_uuid.lower(),
-                     MAINTAINED_AFTER[subject], time_us, key)
+                     MAINTAINED_AFTER[subject], time_us, key, _key_epoch(event, subject))
+
+
+def _key_epoch(event: CloudEvent, subject: str) -> int:
+    """The ``vcenterkeyepoch`` extension: 0 if absent; an integer ≥ 0, or its decimal text (what
+    binary-mode HTTP makes of it); anything else is a :class:`PermanentError`."""
+    value = event.get_extension(KEY_EPOCH_ATTRIBUTE)
+    if value is None:
+        return 0
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise PermanentError(f"vrops: {subject} {event.get_id()} has a bad {KEY_EPOCH_ATTRIBUTE} "
+                             f"attribute {value!r} (expected a whole number ≥ 0)")
+    return value
 
 
 def client(settings: VropsSettings) -> VropsClient:
@@ -171,7 +207,8 @@ def reset_clients() -> None:
 
 
 def applied(r: redis.Redis, vc_uuid: str, moref: str) -> dict[str, str]:
-    """The applied record of a host (empty if none): ``time``, ``key``, ``id``, ``maintained`` …"""
+    """The applied record of a host (empty if none): ``key_epoch``, ``key``, ``time``, ``id``,
+    ``maintained`` …"""
     raw = r.hgetall(keys.vrops_applied(vc_uuid.lower(), moref))
     return {k.decode(): v.decode() for k, v in raw.items()}
 
@@ -181,7 +218,7 @@ def _skip_reason(r: redis.Redis, host: HostEvent) -> str | None:
     record = applied(r, host.vc_uuid, host.moref)
     if not record:
         return None
-    order = (int(record["key"]), int(record["time"]))
+    order = (int(record.get("key_epoch") or 0), int(record["key"]), int(record["time"]))
     if order == host.order:
         return DUPLICATE
     return STALE if order > host.order else None
@@ -191,7 +228,7 @@ def _record(r: redis.Redis, host: HostEvent, resource_id: str) -> tuple[bool, bo
     """Record ``host`` as applied unless a newer one is; returns ``(recorded, newer's state)``."""
     result = _RECORD(r, keys=[keys.vrops_applied(host.vc_uuid, host.moref)],
                      args=[host.time_us, host.key, host.event_id, int(host.maintained),
-                           host.subject, resource_id, APPLIED_TTL])
+                           host.subject, resource_id, APPLIED_TTL, host.key_epoch])
     if int(result[0]) == 1:
         return True, None
     newer = result[1].decode() if isinstance(result[1], bytes) else result[1]
