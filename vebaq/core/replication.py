@@ -12,12 +12,13 @@ being kept:
   redelivery — lost, the function runs twice;
 * the ingress' **202**: once answered, the client forgets the events.
 
-:func:`confirm` is called after each of them. When the master has replicas (``INFO
-replication``'s ``connected_slaves``, looked up at most every :data:`REPLICAS_CHECK_INTERVAL`
-seconds per client, and again when a wait timed out) it writes a probe key and runs ``WAIT 1``
-:data:`WAIT_TIMEOUT` in the same round trip. Redis replicates one ordered stream, so a replica
-that has the probe has every write the master took before it, on any connection (kombu's task
-messages included). Without replicas nothing is sent at all: a single Redis pays nothing.
+:func:`confirm` is called after each of them. When the master has replicas in sync (``INFO
+replication``: ``online``, lag ≤ :data:`REPLICA_MAX_LAG`; looked up at most every
+:data:`REPLICAS_CHECK_INTERVAL` seconds per client, and again when a wait timed out) it writes a
+probe key and runs ``WAIT 1`` :data:`WAIT_TIMEOUT` in the same round trip. Redis replicates one
+ordered stream, so a replica that has the probe has every write the master took before it, on
+any connection (kombu's task messages included). Without such replicas nothing is sent at all:
+a single Redis pays nothing.
 
 Failure modes: the master dying during the wait is a ``redis.ConnectionError`` like any failed
 write (the caller keeps its batch and sends it again to the promoted replica: at least once, the
@@ -44,6 +45,11 @@ WAIT_TIMEOUT = 2000
 #: than a Sentinel failover takes (≥ 2 s: ``down-after-milliseconds`` plus the election), so the
 #: promoted replica — a master without replicas yet — is asked afresh, not waited on.
 REPLICAS_CHECK_INTERVAL = 1.0
+#: A replica is waited for only while in sync and heard from within this many seconds (it
+#: acknowledges every second): one still loading its first copy (the old master back after a
+#: failover, resynchronising) or cut off without the master noticing yet would only make every
+#: confirmation time out. The same rule as Redis' own ``min-replicas-max-lag``.
+REPLICA_MAX_LAG = 5
 #: Seconds the probe key lives (it only needs to exist long enough to be replicated).
 PROBE_TTL = 60
 
@@ -52,6 +58,18 @@ NOT_REPLICATED = 0
 
 _replicas: dict[int, tuple[float, int]] = {}  # id(client) → (when looked up, connected_slaves)
 _lock = threading.Lock()
+
+
+def _acknowledging(replica: object) -> bool:
+    """A replica of ``INFO replication`` (``slave0: {ip, port, state, offset, lag}``) that can
+    acknowledge now: in sync (``online``, not loading its first copy) and heard from within
+    :data:`REPLICA_MAX_LAG` seconds."""
+    if not isinstance(replica, dict):
+        return False
+    try:
+        return replica.get("state") == "online" and int(replica.get("lag", 0)) <= REPLICA_MAX_LAG
+    except (TypeError, ValueError):
+        return False
 
 
 class NotReplicated(redis.RedisError):
@@ -66,7 +84,9 @@ def replicas(r: redis.Redis, now: float | None = None) -> int:
         cached = _replicas.get(id(r))
     if cached is not None and now - cached[0] < REPLICAS_CHECK_INTERVAL:
         return cached[1]
-    count = int(r.info("replication").get("connected_slaves", 0))
+    info = r.info("replication")
+    count = sum(1 for i in range(int(info.get("connected_slaves", 0)))
+                if _acknowledging(info.get(f"slave{i}")))
     with _lock:
         _replicas[id(r)] = (now, count)
     return count
