@@ -65,6 +65,7 @@ from bench.procs import child_env
 from tests import ha_functions
 from tests.support import (
     ROOT,
+    RUNNING,
     Proc,
     SentinelCluster,
     Simulator,
@@ -276,7 +277,13 @@ class Soak:
         self.actions["Redis failover"] += 1
         log(f"Redis failover: {old} → {new} promoted after {promoted:.1f}s, events handled "
             f"again after {flowing:.1f}s")
-        threading.Timer(OLD_MASTER_DOWN, self._restart_old_master, args=(old,)).start()
+        self._later(OLD_MASTER_DOWN, self._restart_old_master, old)
+
+    @staticmethod
+    def _later(delay: float, action: object, *args: object) -> None:
+        timer = threading.Timer(delay, action, args=args)
+        timer.daemon = True  # an interrupted soak does not wait for it
+        timer.start()
 
     def _restart_old_master(self, port: int) -> None:
         self.cluster.restart(port)
@@ -313,7 +320,7 @@ class Soak:
         self.vrops.stop()
         self.actions["vROps outage"] += 1
         log(f"vROps down for {VROPS_OUTAGE:.0f}s")
-        threading.Timer(VROPS_OUTAGE, self._vrops_back).start()
+        self._later(VROPS_OUTAGE, self._vrops_back)
 
     def _vrops_back(self) -> None:
         self.vrops.start()
@@ -479,9 +486,10 @@ class Soak:
         return replayed, differing()
 
     def stop(self) -> None:
+        self.poster.stopping.set()
         for proc in [*self.workers.values(), *(p for p in self.producers.values() if p)]:
             proc.stop(timeout=30)
-        for proc in self.retired:
+        for proc in [*self.retired, *RUNNING]:  # RUNNING: one being started when interrupted
             with contextlib.suppress(Exception):
                 proc.kill()
         self.vrops.stop()
