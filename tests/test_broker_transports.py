@@ -23,6 +23,9 @@ MARKED = f"{__name__}:MarkedSentinelTransport"
 @pytest.fixture
 def kombu_aliases() -> Iterator[None]:
     saved, cached = dict(TRANSPORT_ALIASES), dict(_transport_cache)
+    # kombu's own alias, whatever an earlier test's celery_config pinned in this process.
+    TRANSPORT_ALIASES["sentinel"] = "kombu.transport.redis:SentinelTransport"
+    _transport_cache.pop("sentinel", None)
     yield
     TRANSPORT_ALIASES.clear()
     TRANSPORT_ALIASES.update(saved)
