@@ -30,7 +30,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from producer import vcenter as vcenter_api
 from producer.reader import EventReader, Stall
-from vebaq.core import deadletters, retrystore
+from vebaq.core import deadletters, replication, retrystore
 from vebaq.core.archive import Archive
 from vebaq.core.errors import ConfigError
 
@@ -105,6 +105,17 @@ class VCenterCallsCollector:
         for (url, method), count in sorted(vcenter_api.CALLS.items()):
             calls.add_metric([method, url], count)
         yield calls
+
+
+class ReplicationCollector:
+    """Confirmations no Redis replica acknowledged in time, read at scrape time from
+    :data:`vebaq.core.replication.NOT_REPLICATED` (the write is on the master only: a failover
+    then could lose it)."""
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily("vebaq_redis_not_replicated",
+                                  "Writes no Redis replica acknowledged within the WAIT timeout",
+                                  value=replication.NOT_REPLICATED)
 
 
 class _Bound:
@@ -364,6 +375,7 @@ class ProducerMetrics:
         self._lock = threading.Lock()
         r.register(_StateCollector(self))
         r.register(VCenterCallsCollector())
+        r.register(ReplicationCollector())
 
     def vcenter(self, url: str) -> VCenterMetrics:
         """The metrics of the vCenter at ``url`` (made on first use)."""

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import redis
 
+from producer.metrics import ReplicationCollector
 from tests.support import RedisServer, wait_until
 from vebaq.core import redisdb, replication
 
@@ -52,6 +53,8 @@ def test_confirm_waits_only_when_a_replica_exists(tmp_path: Path) -> None:
                 raise AssertionError("a stopped replica acknowledged a write")
             assert time.monotonic() - started < 2
             assert before + 1 == replication.NOT_REPLICATED
+            [family] = ReplicationCollector().collect()  # the producer's /metrics shows it
+            assert family.samples[0].value == replication.NOT_REPLICATED
         finally:
             replica.popen.send_signal(signal.SIGCONT)
         assert replication.confirm(r) == 1
