@@ -69,3 +69,14 @@ def test_confirm_waits_only_when_a_replica_exists(tmp_path: Path) -> None:
         if replica is not None:
             replica.stop()
         master.stop()
+
+
+def test_a_server_without_info_has_no_replicas() -> None:
+    """The embedded broker of `vebaq dev` (fakeredis) answers INFO with an error."""
+    from vebaq.devtools.embedded import EmbeddedRedis
+
+    embedded = EmbeddedRedis().start()
+    try:
+        assert replication.confirm(redis.Redis.from_url(embedded.url)) == 0
+    finally:
+        embedded.stop()

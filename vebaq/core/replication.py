@@ -84,7 +84,12 @@ def replicas(r: redis.Redis, now: float | None = None) -> int:
         cached = _replicas.get(id(r))
     if cached is not None and now - cached[0] < REPLICAS_CHECK_INTERVAL:
         return cached[1]
-    info = r.info("replication")
+    try:
+        info = r.info("replication")
+    except redis.ResponseError:
+        # A server without INFO (the embedded broker of `vebaq dev`: fakeredis) replicates to
+        # no one.
+        info = {}
     count = sum(1 for i in range(int(info.get("connected_slaves", 0)))
                 if _acknowledging(info.get(f"slave{i}")))
     with _lock:
