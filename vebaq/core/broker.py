@@ -53,7 +53,12 @@ def sentinel_transport_options(settings: Settings) -> dict[str, Any]:
                                        "socket_connect_timeout": CONNECT_TIMEOUT}
     if settings.sentinel_password:
         sentinel_kwargs["password"] = settings.sentinel_password.reveal()
-    return {"master_name": settings.broker_master_name, "sentinel_kwargs": sentinel_kwargs}
+    # The master's connections too: after a failover the Sentinels may still name the old
+    # master for a few seconds, and a connect() to an address nobody answers any more (a
+    # killed container's) has no end of its own — the worker would wait on it for minutes,
+    # never asking the Sentinels again. Bounded, it fails and kombu moves on to the next one.
+    return {"master_name": settings.broker_master_name, "sentinel_kwargs": sentinel_kwargs,
+            "socket_connect_timeout": CONNECT_TIMEOUT}
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
