@@ -132,6 +132,11 @@ def test_ha_profile_is_redis_sentinel_without_passwords_in_argv() -> None:
         settings = config.load(environ={k: interpolate(str(v)) for k, v in env.items()
                                         if k.startswith("VEBAQ_")})
         assert settings.broker_master_name == "vebaq"
+        from vebaq.core import broker
+        options = broker.celery_config(settings)["broker_transport_options"]
+        # Bounded connects to the master: a killed container's address may answer nothing at
+        # all (seen: a worker stuck in connect() to the old primary for minutes).
+        assert 0 < options["socket_connect_timeout"] <= 10, name
     for name in ("worker-echo-ha", "worker-vrops-ha"):
         assert "celery -A workers inspect ping" in defined[name]["healthcheck"]["test"][1], \
             "the app's settings carry the master name (plain `celery` would not)"
@@ -1024,9 +1029,11 @@ def test_compose_ha_profile_survives_a_redis_primary_crash(ha_stack: Stack) -> N
     assert not twice, f"events echoed more than once: {twice}"
 
     # 7. The old primary comes back as a replica of the promoted one.
-    assert service_states(stack)["redis-primary"] == "exited", "the killed primary restarted"
-    stack.run("start", "redis-primary", timeout=60)
+    #    (Docker does not restart a container `docker kill` stopped, whatever its restart
+    #    policy; one that crashed by itself it would restart: the same from here on.)
     restarted = time.monotonic()
+    if service_states(stack)["redis-primary"] != "running":
+        stack.run("start", "redis-primary", timeout=60)
 
     def rejoined() -> dict[str, str] | None:
         info = replication(stack, "redis-primary")
