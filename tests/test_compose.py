@@ -7,6 +7,10 @@
   events echoed, maintenance mirrored into the fake vROps, tasks in Flower's API, three echo
   replicas at work, and a stop/start that neither loses nor repeats an event; then tears it all
   down. Without a Docker engine it is skipped with one line saying so (``-ra`` shows it).
+* One more on the ``ha`` profile: Redis primary, replica and three Sentinels, the producer and
+  workers on the sentinel:// URL, the demo's simulator and driver; the primary's container is
+  killed, the Sentinels promote the replica, events go on being handled, none is lost, and the
+  old primary comes back as a replica. It prints the promotion and resumption times.
 """
 
 from __future__ import annotations
@@ -955,6 +959,12 @@ def test_compose_ha_profile_survives_a_redis_primary_crash(ha_stack: Stack) -> N
     stack.run("up", "-d", "--no-deps", "demo-driver", timeout=120)
     print(f"[e2e-ha] up and healthy after {time.monotonic() - t0:.0f}s")
     assert set(service_states(stack)) == {*HA_REDIS, *HA_PIPELINE, "demo-driver"}
+    # No password in any process' argv (the servers read theirs from files, the rest from
+    # the environment): every process of every container, as the host's ps shows them.
+    top = stack.run("top", timeout=60, quiet=True)
+    assert "redis-server *:6379" in top and "[sentinel]" in top and "vebaq worker" in top, top
+    for secret in ("e2e-redis-pw", "e2e-sentinel-pw"):
+        assert secret not in top, f"a password in a process' command line:\n{top}"
 
     # 2. Events handled before the crash: echoed, and maintenance mirrored into the fake vROps.
     stack.wait(lambda: len(handled_by_echo_ha(stack)) >= 10 or None, 90,
