@@ -7,6 +7,10 @@
   events echoed, maintenance mirrored into the fake vROps, tasks in Flower's API, three echo
   replicas at work, and a stop/start that neither loses nor repeats an event; then tears it all
   down. Without a Docker engine it is skipped with one line saying so (``-ra`` shows it).
+* One more on the ``ha`` profile: Redis primary, replica and three Sentinels, the producer and
+  workers on the sentinel:// URL, the demo's simulator and driver; the primary's container is
+  killed, the Sentinels promote the replica, events go on being handled, none is lost, and the
+  old primary comes back as a replica. It prints the promotion and resumption times.
 """
 
 from __future__ import annotations
@@ -132,6 +136,11 @@ def test_ha_profile_is_redis_sentinel_without_passwords_in_argv() -> None:
         settings = config.load(environ={k: interpolate(str(v)) for k, v in env.items()
                                         if k.startswith("VEBAQ_")})
         assert settings.broker_master_name == "vebaq"
+        from vebaq.core import broker
+        options = broker.celery_config(settings)["broker_transport_options"]
+        # Bounded connects to the master: a killed container's address may answer nothing at
+        # all (seen: a worker stuck in connect() to the old primary for minutes).
+        assert 0 < options["socket_connect_timeout"] <= 10, name
     for name in ("worker-echo-ha", "worker-vrops-ha"):
         assert "celery -A workers inspect ping" in defined[name]["healthcheck"]["test"][1], \
             "the app's settings carry the master name (plain `celery` would not)"
@@ -493,6 +502,8 @@ def test_demo_driver_makes_maintenance_and_power_events(vcsim: str, monkeypatch,
 
 #: The whole end-to-end test must finish within this many seconds.
 E2E_BUDGET = 540
+#: The same for the Sentinel failover test (the image is usually built already).
+HA_BUDGET = 360
 #: Compose project names: ``vebaq-e2e-<pid>``, so that two test runs on one engine never meet.
 PROJECT_PREFIX = "vebaq-e2e-"
 #: Services `docker compose stop` stops in the restart step: vebaq itself. vcsim and fake-vrops
@@ -524,15 +535,18 @@ def docker_engine() -> str | None:
 class Stack:
     """``docker compose -p vebaq-e2e-<pid> --profile demo …`` with its own ports and passwords."""
 
-    def __init__(self, tmp: Path, deadline: float) -> None:
+    def __init__(self, tmp: Path, deadline: float, profiles: tuple[str, ...] = ("demo",),
+                 image: str = "vebaq:e2e", budget: float = E2E_BUDGET) -> None:
         self.deadline = deadline
+        self.budget = budget
         self.ports = {"FLOWER_PORT": free_port(), "FAKE_VROPS_PORT": free_port(),
                       "VCSIM_PORT": free_port(), "INGRESS_PORT": free_port()}
         self.flower_auth = ("e2e-admin", "e2e-flower-pw")
         self.ingress_token = "e2e-ingress-token"
         settings = {**{k: str(v) for k, v in self.ports.items()},
-                    "VEBAQ_IMAGE": "vebaq:e2e", "DEMO_INTERVAL": "1",
-                    "REDIS_PASSWORD": "e2e-redis-pw", "FLOWER_USER": self.flower_auth[0],
+                    "VEBAQ_IMAGE": image, "DEMO_INTERVAL": "1",
+                    "REDIS_PASSWORD": "e2e-redis-pw", "SENTINEL_PASSWORD": "e2e-sentinel-pw",
+                    "FLOWER_USER": self.flower_auth[0],
                     "FLOWER_PASSWORD": self.flower_auth[1], "VCENTER_POLL_INTERVAL": "0.5s",
                     "INGRESS_TOKEN": self.ingress_token}
         # A developer's .env (say, a real vCenter) must not leak in: our own env file, and
@@ -544,12 +558,14 @@ class Stack:
                     if k not in names and not k.startswith("COMPOSE_")}
         self.project = f"{PROJECT_PREFIX}{os.getpid()}"
         self.base = ["docker", "compose", "--env-file", str(env_file), "-p", self.project,
-                     "-f", str(COMPOSE_FILE), "--profile", "demo"]
+                     "-f", str(COMPOSE_FILE)]
+        for profile in profiles:
+            self.base += ["--profile", profile]
 
     def left(self, cap: float) -> float:
         remaining = self.deadline - time.monotonic()
         if remaining <= 0:
-            raise AssertionError(f"the end-to-end test ran over its {E2E_BUDGET}s budget")
+            raise AssertionError(f"the end-to-end test ran over its {self.budget:.0f}s budget")
         return min(cap, remaining)
 
     def run(self, *args: str, timeout: float = 120, check: bool = True,
@@ -593,9 +609,10 @@ class Stack:
                 per.setdefault(match.group(1), []).append(match.group(2))
         return {name: "\n".join(lines) for name, lines in per.items()}
 
-    def states(self) -> dict[str, tuple[str, str]]:
-        """Container name → (state, health or '') of every container of the project."""
-        ids = self.run("ps", "-q", timeout=60, quiet=True).split()
+    def states(self, stopped: bool = False) -> dict[str, tuple[str, str]]:
+        """Container name → (state, health or '') of every running container of the project
+        (also the stopped ones with ``stopped``)."""
+        ids = self.run("ps", *(["-a"] if stopped else []), "-q", timeout=60, quiet=True).split()
         if not ids:
             return {}
         out = subprocess.run(["docker", "inspect", "--format",
@@ -692,11 +709,23 @@ def remove_abandoned_stacks(stack: Stack) -> None:
 
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[Stack]:
+    yield from running_stack(Stack(tmp_path, time.monotonic() + E2E_BUDGET))
+
+
+@pytest.fixture
+def ha_stack(tmp_path: Path) -> Iterator[Stack]:
+    """The ``ha`` and ``demo`` profiles, on an image tag of their own (another run may be
+    building ``vebaq:e2e`` from other code at the same time)."""
+    yield from running_stack(Stack(tmp_path, time.monotonic() + HA_BUDGET, ("ha", "demo"),
+                                   image="vebaq:e2e-ha", budget=HA_BUDGET))
+
+
+def running_stack(stack: Stack) -> Iterator[Stack]:
+    """Yield ``stack``; diagnose a failure; ``down -v`` whatever happens."""
     reason = docker_engine()
     if reason:
         pytest.skip(f"compose end-to-end test NOT RUN: no Docker engine here ({reason}); "
                     f"start Docker (Docker Engine or Docker Desktop) to run it")
-    stack = Stack(tmp_path, time.monotonic() + E2E_BUDGET)
     remove_abandoned_stacks(stack)
     try:
         yield stack
@@ -865,3 +894,166 @@ def test_compose_demo_stack_end_to_end(stack: Stack) -> None:
     print("[e2e] an event POSTed to the ingress was echoed by worker-echo")
 
     print(f"[e2e] done in {time.monotonic() - t0:.0f}s (teardown follows)")
+
+
+#: The `ha` profile's Redis servers and Sentinels.
+HA_REDIS = ("redis-primary", "redis-replica", "sentinel-1", "sentinel-2", "sentinel-3")
+#: What the failover test runs: the Sentinel setup, the pipeline on it, and the demo's
+#: simulator and fake vROps. Not the plain producer, workers, Redis, ingress or Flower: only one
+#: pipeline reads the simulator, and every event echoed is the ha pipeline's.
+HA_PIPELINE = ("vcsim", "fake-vrops", "producer-ha", "worker-echo-ha", "worker-vrops-ha")
+
+
+def sentinel_master(stack: Stack, sentinel: str = "sentinel-1") -> str | None:
+    """The master's host as ``sentinel`` names it (None when it does not answer)."""
+    out = stack.run("exec", "-T", sentinel, "sh", "-c",
+                    'REDISCLI_AUTH="$SENTINEL_PASSWORD" redis-cli -p 26379 '
+                    "sentinel get-master-addr-by-name vebaq", timeout=30, check=False,
+                    quiet=True).split()
+    return out[0] if out else None
+
+
+def replication(stack: Stack, service: str) -> dict[str, str]:
+    """``INFO replication`` of one of the ha profile's Redis servers, as a dict."""
+    out = stack.run("exec", "-T", service, "sh", "-c",
+                    'REDISCLI_AUTH="$REDIS_PASSWORD" redis-cli info replication', timeout=30,
+                    check=False, quiet=True)
+    return dict(line.strip().split(":", 1) for line in out.splitlines() if ":" in line)
+
+
+def service_states(stack: Stack) -> dict[str, str]:
+    """Service → state of the project's containers (``<project>_<service>_1`` with Compose 1.29,
+    ``<project>-<service>-1`` with v2)."""
+    prefix = re.compile(rf"^{re.escape(stack.project)}[-_](.*)[-_]\d+$")
+    return {prefix.sub(r"\1", name): state
+            for name, (state, _) in stack.states(stopped=True).items()}
+
+
+def handled_by_echo_ha(stack: Stack) -> Counter:
+    """Event id → how many times worker-echo-ha printed it."""
+    return Counter(i for text in stack.logs("worker-echo-ha").values()
+                   for _, i in echoed(text + "\n"))
+
+
+def mirrored_changes(stack: Stack) -> int:
+    """How many maintenance changes the fake vROps took (PUTs and DELETEs of worker-vrops-ha)."""
+    return len(stack.http("FAKE_VROPS_PORT", "/_fake/state")["history"])
+
+
+@pytest.mark.slow
+def test_compose_ha_profile_survives_a_redis_primary_crash(ha_stack: Stack) -> None:
+    """The ``ha`` profile for real: Sentinels promote the replica when the primary's container
+    is killed, and the producer and workers go on on the promoted one, losing no event."""
+    from producer.cloudevent import event_id
+
+    stack = ha_stack
+    t0 = time.monotonic()
+    stack.run("build", "producer-ha", timeout=400)  # one image for every Python service
+
+    # 1. Redis, Sentinels and the pipeline up; then the driver, which makes the events (with
+    #    --no-deps: it depends on the plain producer, which is not run here).
+    stack.run("up", "-d", *HA_REDIS, *HA_PIPELINE, timeout=240)
+    stack.wait(lambda: stack.healthy((*HA_REDIS, "producer-ha", "fake-vrops")), 120,
+               "the Redis servers, Sentinels, producer-ha and fake-vrops to be healthy", 2.0)
+    assert sentinel_master(stack) == "redis-primary"
+    stack.run("up", "-d", "--no-deps", "demo-driver", timeout=120)
+    print(f"[e2e-ha] up and healthy after {time.monotonic() - t0:.0f}s")
+    assert set(service_states(stack)) == {*HA_REDIS, *HA_PIPELINE, "demo-driver"}
+    # No password in any process' argv (the servers read theirs from files, the rest from
+    # the environment): every process of every container, as the host's ps shows them.
+    top = stack.run("top", timeout=60, quiet=True)
+    assert "redis-server *:6379" in top and "[sentinel]" in top and "vebaq worker" in top, top
+    for secret in ("e2e-redis-pw", "e2e-sentinel-pw"):
+        assert secret not in top, f"a password in a process' command line:\n{top}"
+
+    # 2. Events handled before the crash: echoed, and maintenance mirrored into the fake vROps.
+    stack.wait(lambda: len(handled_by_echo_ha(stack)) >= 10 or None, 90,
+               "worker-echo-ha to echo 10 events", 2.0)
+    stack.wait(lambda: mirrored_changes(stack) >= 1 or None, 60,
+               "worker-vrops-ha to mirror a maintenance change into the fake vROps", 2.0)
+
+    # 3. The crash: the primary's container killed (SIGKILL, no shutdown).
+    before_handled = handled_by_echo_ha(stack)
+    before_mirrored = mirrored_changes(stack)
+    killed_at = time.monotonic()
+    killed_wall = datetime.now().astimezone()
+    stack.run("kill", "redis-primary", timeout=60)
+
+    # 4. The Sentinels promote redis-replica (each of them says so).
+    stack.wait(lambda: sentinel_master(stack) == "redis-replica" or None, 60,
+               "sentinel-1 to name redis-replica the master", 0.5)
+    promoted = time.monotonic() - killed_at
+    for sentinel in ("sentinel-2", "sentinel-3"):
+        stack.wait(lambda s=sentinel: sentinel_master(stack, s) == "redis-replica" or None, 30,
+                   f"{sentinel} to name redis-replica the master", 0.5)
+    assert replication(stack, "redis-replica").get("role") == "master"
+    print(f"[e2e-ha] redis-primary killed; redis-replica promoted {promoted:.1f}s later")
+
+    # 5. Handling goes on: events made after the crash echoed, maintenance mirrored again.
+    def new_event_echoed() -> bool:
+        return bool(set(handled_by_echo_ha(stack)) - set(before_handled))
+
+    stack.wait(new_event_echoed, 90, "worker-echo-ha to echo an event after the failover", 1.0)
+    resumed = time.monotonic() - killed_at
+    stack.wait(lambda: mirrored_changes(stack) > before_mirrored or None, 60,
+               "worker-vrops-ha to mirror a maintenance change after the failover", 2.0)
+    print(f"[e2e-ha] handling resumed {resumed:.1f}s after the kill")
+
+    # 6. Nothing lost: every simulator event from the producer's first start up to where it
+    #    got after the failover (an event made well after the kill) echoed — the ones made
+    #    while there was no master included.
+    def checkpoint_after_kill() -> int | None:
+        log = "\n".join(stack.logs("producer-ha").values())
+        _, events = simulator_events(stack)
+        later = [e.key for e in events if e.createdTime > killed_wall]
+        target = checkpoint_key(log)
+        return target if later and target >= min(later) + 5 else None
+
+    target = stack.wait(checkpoint_after_kill, 60,
+                        "producer-ha to commit a checkpoint past the events made after the kill",
+                        2.0)
+    producer_log = "\n".join(stack.logs("producer-ha").values())
+    starts = producer_starts(producer_log)
+    assert starts and starts[0][1].startswith("no checkpoint"), starts
+    instance, events = simulator_events(stack)
+    expected = {event_id(instance, e.key): e for e in events
+                if e.createdTime >= starts[0][0] and e.key <= target}
+    during = [e for e in expected.values() if killed_wall <= e.createdTime]
+    assert during, "the driver made no event after the kill"
+
+    def all_echoed() -> Counter | None:
+        counts = handled_by_echo_ha(stack)
+        return counts if set(expected) <= set(counts) else None
+
+    try:
+        counts = stack.wait(all_echoed, 60, "every event up to the checkpoint to be echoed", 2.0)
+    except AssertionError:
+        counts = handled_by_echo_ha(stack)
+        missing = sorted(e.key for i, e in expected.items() if i not in counts)
+        raise AssertionError(f"lost events (never echoed), keys: {missing}") from None
+    lost = [i for i in expected if i not in counts]
+    twice = {i: n for i, n in counts.items() if n > 1}
+    print(f"[e2e-ha] {len(expected)} events (keys ≤ {target}, {len(during)} made after the "
+          f"kill): lost {len(lost)}, echoed twice {len(twice)}")
+    assert not lost
+    assert not twice, f"events echoed more than once: {twice}"
+
+    # 7. The old primary comes back as a replica of the promoted one.
+    #    (Docker does not restart a container `docker kill` stopped, whatever its restart
+    #    policy; one that crashed by itself it would restart: the same from here on.)
+    restarted = time.monotonic()
+    if service_states(stack)["redis-primary"] != "running":
+        stack.run("start", "redis-primary", timeout=60)
+
+    def rejoined() -> dict[str, str] | None:
+        info = replication(stack, "redis-primary")
+        return info if info.get("role") == "slave" and info.get("master_host") == \
+            "redis-replica" and info.get("master_link_status") == "up" else None
+
+    stack.wait(rejoined, 90, "the old primary to rejoin as a replica of redis-replica", 1.0)
+    print(f"[e2e-ha] redis-primary back as a replica of redis-replica "
+          f"{time.monotonic() - restarted:.1f}s after its start")
+    assert sentinel_master(stack) == "redis-replica"
+    stack.wait(lambda: int(replication(stack, "redis-replica").get("connected_slaves", 0)) >= 1
+               or None, 30, "redis-replica (the master) to count its replica")
+    print(f"[e2e-ha] done in {time.monotonic() - t0:.0f}s (teardown follows)")
