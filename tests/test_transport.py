@@ -20,6 +20,7 @@ from kombu.transport import redis as kombu_redis
 
 from vebaq.core.broker import celery_config
 from vebaq.core.config import Settings
+from vebaq.core.redisdb import CONNECT_TIMEOUT
 from vebaq.core.transport import Channel, SentinelTransport, Transport
 from workers.app import create_app
 
@@ -145,6 +146,8 @@ def test_every_vebaq_process_uses_it(redis_url: str) -> None:
     app = create_app(broker_url=redis_url)
     with app.connection_for_write() as conn:
         assert isinstance(conn.default_channel, Channel)
+        # A broker host that stops answering cannot hang a connect() forever.
+        assert conn.default_channel.socket_connect_timeout == CONNECT_TIMEOUT
     sentinel = celery_config(Settings(broker_url="sentinel://127.0.0.1:26379"))
     assert sentinel["broker_transport"].endswith(":SentinelTransport")
     assert SentinelTransport.Channel.__mro__[1].__name__ == "AtomicFetchMixin"

@@ -89,6 +89,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "unacked_restore_throttle": 1,
             # vebaq sends no priorities: one list per queue, so an idle worker waits on one key.
             "priority_steps": [0],
+            # A connect() to a host that no longer answers has no end of its own.
+            "socket_connect_timeout": CONNECT_TIMEOUT,
             **sentinel_transport_options(settings),
         },
         "broker_connection_retry_on_startup": True,
