@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -144,6 +145,17 @@ def pings(url: str, timeout: float = 1) -> bool:
         return False
 
 
+def producer_metric(port: int, name: str) -> float:
+    """A producer metric's value from its ``/metrics`` on ``port``, summed over its labels
+    (every producer metric has a ``vcenter``)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        values = [float(line.rsplit(" ", 1)[1]) for line in answer.read().decode().splitlines()
+                  if line.startswith((name + " ", name + "{"))]
+    if not values:
+        raise AssertionError(f"no metric {name}")
+    return sum(values)
+
+
 class RedisServer:
     """A ``redis-server`` on a free loopback port, in ``workdir``, for the tests alone: never the
     machine's own Redis. ``args`` are extra server options (``--requirepass``, ``--appendonly``…);
@@ -244,13 +256,20 @@ class VCenter:
         self.content = self.si.RetrieveContent()
         self.instance_uuid = self.content.about.instanceUuid
 
-    def hosts(self) -> list[vim.HostSystem]:
-        view = self.content.viewManager.CreateContainerView(self.content.rootFolder,
-                                                            [vim.HostSystem], True)
+    def inventory(self, kind: type) -> list:
+        """Every managed object of ``kind`` (``vim.HostSystem``…) in the inventory, by name."""
+        view = self.content.viewManager.CreateContainerView(self.content.rootFolder, [kind],
+                                                            True)
         try:
-            return sorted(view.view, key=lambda h: h.name)
+            return sorted(view.view, key=lambda entity: entity.name)
         finally:
             view.DestroyView()
+
+    def hosts(self) -> list[vim.HostSystem]:
+        return self.inventory(vim.HostSystem)
+
+    def vms(self) -> list[vim.VirtualMachine]:
+        return self.inventory(vim.VirtualMachine)
 
     def post(self, event: vim.event.Event) -> None:
         """Post ``event``; the simulator sets its key, chain id, time and user."""

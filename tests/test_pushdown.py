@@ -162,10 +162,7 @@ def post_variety(url: str, vcenter: VCenter) -> None:
     the simulator stamps the session's user on a posted event)."""
     datacenter = vcenter.content.rootFolder.childEntity[0]
     hosts = vcenter.hosts()
-    view = vcenter.content.viewManager.CreateContainerView(vcenter.content.rootFolder,
-                                                           [vim.VirtualMachine], True)
-    vms = sorted(view.view, key=lambda v: v.name)[:2]
-    view.DestroyView()
+    vms = vcenter.vms()[:2]
     for user in ("alice", "bob"):
         client = VCenter(url, user=user)
         for host in hosts[:2]:

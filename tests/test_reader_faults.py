@@ -32,6 +32,7 @@ from tests.support import (
     build_vcsim,
     free_port,
     post,
+    producer_metric,
     report,
     start_producer,
     vebaq_argv,
@@ -48,16 +49,6 @@ def collectors(url: str) -> dict:
     with urllib.request.urlopen(url.removesuffix("/sdk") + "/vebaq/collectors",
                                 timeout=10) as answer:
         return json.load(answer)
-
-
-def metric(producer_port: int, name: str) -> float:
-    """The metric's value, summed over its labels (every producer metric has a vcenter)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{producer_port}/metrics", timeout=10) as m:
-        values = [float(line.rsplit(" ", 1)[1]) for line in m.read().decode().splitlines()
-                  if line.startswith((name + " ", name + "{"))]
-    if not values:
-        raise AssertionError(f"no metric {name}")
-    return sum(values)
 
 
 @pytest.fixture
@@ -121,7 +112,7 @@ def test_a_burst_of_ten_times_the_capacity_is_recovered(
         producer.signal(signal.SIGCONT)
     wait_until(lambda: all_enqueued(redis_client, sent), 60, "every burst event enqueued")
     recovered = time.monotonic() - burst_started
-    resets = metric(port, "vebaq_collector_resets_total")
+    resets = producer_metric(port, "vebaq_collector_resets_total")
     producer.stop()
     print(f"\n[burst] {10 * CAPACITY} events (capacity {CAPACITY}), notifications "
           f"{notifications}: all enqueued {recovered:.1f}s after the burst began; collector "

@@ -24,6 +24,7 @@ from tests.support import (
     VCenter,
     build_vcsim,
     free_port,
+    producer_metric,
     vebaq_argv,
     wait_until,
 )
@@ -77,16 +78,6 @@ def task_events(r: redis.Redis, pool: str) -> dict[str, dict]:
     return found
 
 
-def metric(port: int, name: str) -> float:
-    """The metric's value, summed over its labels (every producer metric has a vcenter)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
-        values = [float(line.rsplit(" ", 1)[1]) for line in answer.read().decode().splitlines()
-                  if line.startswith((name + " ", name + "{"))]
-    if not values:
-        raise AssertionError(f"no metric {name}")
-    return sum(values)
-
-
 def stats(port: int) -> dict:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=10) as answer:
         return json.load(answer)
@@ -105,15 +96,6 @@ def config(tmp_path: Path, name: str, triggers: list[dict]) -> str:
     return str(path)
 
 
-def vms(vcenter: VCenter) -> list[vim.VirtualMachine]:
-    view = vcenter.content.viewManager.CreateContainerView(vcenter.content.rootFolder,
-                                                           [vim.VirtualMachine], True)
-    try:
-        return sorted(view.view, key=lambda v: v.name)
-    finally:
-        view.DestroyView()
-
-
 def test_data_triggers_route_exactly_the_matching_events_and_pushdown_reads_fewer(
         peer: tuple[Simulator, VCenter], stack_env: dict[str, str], redis_url: str,
         log_dir: Path, tmp_path: Path, request: pytest.FixtureRequest) -> None:
@@ -121,7 +103,7 @@ def test_data_triggers_route_exactly_the_matching_events_and_pushdown_reads_fewe
     hosts, VMs and users: one pushes its filter down, one reads every event. Both route exactly
     the events each trigger names; the pushed-down one reads fewer."""
     sim, vcenter = peer
-    hosts, machines = vcenter.hosts(), vms(vcenter)[:4]
+    hosts, machines = vcenter.hosts(), vcenter.vms()[:4]
     datacenter = vcenter.content.rootFolder.childEntity[0]
     host0 = hosts[0]
     chosen = [machines[0].name, machines[1].name]
@@ -183,7 +165,7 @@ def test_data_triggers_route_exactly_the_matching_events_and_pushdown_reads_fewe
         r = redis.Redis.from_url(url)
         wait_until(lambda r=r: {p: set(tasks(r, p)) for p in expected} == expected, 60,
                    f"{name}'s tasks")  # alice's last event is the newest: all read before it
-        read[name] = metric(port, "vebaq_producer_events_read_total")
+        read[name] = producer_metric(port, "vebaq_producer_events_read_total")
         counts = {p: tasks(r, p) for p in expected}
         assert all(c == 1 for pool in counts.values() for c in pool.values()), counts
         print(f"\n[data triggers, {name}] events read={read[name]:.0f} routed="
