@@ -53,12 +53,7 @@ def sentinel_transport_options(settings: Settings) -> dict[str, Any]:
                                        "socket_connect_timeout": CONNECT_TIMEOUT}
     if settings.sentinel_password:
         sentinel_kwargs["password"] = settings.sentinel_password.reveal()
-    # The master's connections too: after a failover the Sentinels may still name the old
-    # master for a few seconds, and a connect() to an address nobody answers any more (a
-    # killed container's) has no end of its own — the worker would wait on it for minutes,
-    # never asking the Sentinels again. Bounded, it fails and kombu moves on to the next one.
-    return {"master_name": settings.broker_master_name, "sentinel_kwargs": sentinel_kwargs,
-            "socket_connect_timeout": CONNECT_TIMEOUT}
+    return {"master_name": settings.broker_master_name, "sentinel_kwargs": sentinel_kwargs}
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -89,7 +84,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "unacked_restore_throttle": 1,
             # vebaq sends no priorities: one list per queue, so an idle worker waits on one key.
             "priority_steps": [0],
-            # A connect() to a host that no longer answers has no end of its own.
+            # A connect() to a host that no longer answers (a killed container's address, the
+            # old master the Sentinels still name for a few seconds after a failover) has no
+            # end of its own: the worker would wait on it for minutes. Bounded, it fails and
+            # kombu moves on (to the next Sentinel's answer).
             "socket_connect_timeout": CONNECT_TIMEOUT,
             **sentinel_transport_options(settings),
         },
