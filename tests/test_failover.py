@@ -11,6 +11,7 @@ counted outside Redis (:mod:`tests.ha_functions`), so what the failover loses ca
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import threading
@@ -177,7 +178,15 @@ def test_master_kill_9_sentinel_promotes_the_replica_nothing_lost(
     assert lost == 0
     assert all(done[i] for i in flaky), "retries carried on across the failover"
     assert all(letters[i] == 1 for i in doomed), "each doomed event dead-lettered once"
-    assert duplicate_effects == 0, "the done markers (confirmed on the replica) suppress reruns"
+    # The done markers (confirmed on the replica) suppress every rerun, except one window: a
+    # function that finished as the master died, whose done marker the dying master refused
+    # ("Redis failed … message requeued"); its redelivery runs it again (at least once, as
+    # for a worker killed during a function: the README's guarantees). Any other duplicate
+    # effect is a bug.
+    refused = {match.group(1) for text in logs for match in re.finditer(
+        r"\[([0-9a-f-]{36}):\w+\] reject requeue=True: Redis failed", text)}
+    rerun = {i for i, n in done.items() if i in posted and n > 1}
+    assert rerun <= refused, f"reruns not explained by a refused done marker: {rerun - refused}"
     assert "Redis did not take" in producer_log or "checkpoint at event" in producer_log
     for text in logs:
         assert MASTER_PASSWORD not in text and SENTINEL_PASSWORD not in text
